@@ -1,0 +1,59 @@
+"""CI gates on a run's report: success required, minimum records per stream, no sudden drop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flext_meltano_context.lineage.report import build_report, list_runs, run_records
+
+
+def stream_records(report: Mapping[str, Any]) -> dict[str, int]:
+    """Records per stream in a report."""
+    return {row["stream"]: int(row["records"]) for row in report["streams"]}
+
+
+def previous_success(path: Path, report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The report of the last successful run of the same pipeline before `report`'s run."""
+    earlier = None
+    for run in list_runs(path, pipeline=report["pipeline"]["name"]):
+        if run.run_id == report["run_id"]:
+            break
+        if run.status == "success":
+            earlier = run.run_id
+    return build_report(run_records(path, earlier)) if earlier else None
+
+
+def violations(
+    report: Mapping[str, Any],
+    *,
+    require_success: bool = False,
+    min_records: Mapping[str, int] | None = None,
+    max_drop_pct: float | None = None,
+    previous: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """One line per violated rule; empty when the run passes."""
+    out: list[str] = []
+    run = report["run_id"]
+    if require_success and report["status"] != "success":
+        why = f": {report['error']}" if report.get("error") else ""
+        out.append(f"run {run} status is {report['status']}, not success{why}")
+    counts = stream_records(report)
+    for stream, minimum in (min_records or {}).items():
+        got = counts.get(stream)
+        if got is None:
+            out.append(f"stream {stream!r} is missing from run {run} (expected >= {minimum})")
+        elif got < minimum:
+            out.append(f"stream {stream!r} has {got} records, fewer than the minimum {minimum}")
+    if max_drop_pct is not None and previous is not None:
+        before = stream_records(previous)
+        for stream, old in sorted(before.items()):
+            new = counts.get(stream, 0)
+            if old > 0 and (old - new) * 100.0 / old > max_drop_pct:
+                drop = (old - new) * 100.0 / old
+                out.append(
+                    f"stream {stream!r} dropped {drop:.1f}% ({old} -> {new} records) against "
+                    f"run {previous['run_id']}, more than {max_drop_pct:g}%"
+                )
+    return out

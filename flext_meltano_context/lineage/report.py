@@ -1,0 +1,276 @@
+"""One run's lineage report, built from its events in the log, and the list of recent runs.
+
+The report is plain JSON, described by `report.schema.json` beside this module. Lineage is a
+graph of `nodes` and `edges`: each stream feeds the target's table; `lineage_edges` events
+(dbt sources and models, issue 6) add their own edges to the same graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flext_meltano_context.errors import FlextContextError, UsageError
+from flext_meltano_context.lineage.log import LineageLog
+
+REPORT_VERSION = 1
+_RUN_STARTED = b'"event":"run_started"'
+_RUN_COMPLETED = b'"event":"run_completed"'
+
+
+class RunNotFoundError(FlextContextError):
+    """No run in the lineage log matches what was asked for."""
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of the report, as shipped in the package."""
+    text = resources.files(__package__).joinpath("report.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """One line of `flext-context runs`."""
+
+    run_id: str
+    correlation_id: str
+    pipeline: str
+    status: str
+    started_at: str | None
+    ended_at: str | None
+    duration_s: float | None
+    records: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    record: dict[str, Any] = msgspec.json.decode(line)
+    return record
+
+
+def _pipeline_name(data: Mapping[str, Any]) -> str:
+    pipeline = data.get("pipeline") or {}
+    name = pipeline.get("name")
+    if name:
+        return str(name)
+    return f"{pipeline.get('tap', '?')}-to-{pipeline.get('target', '?')}"
+
+
+def list_runs(path: Path, *, pipeline: str | None = None) -> list[RunSummary]:
+    """Every run in the log, oldest first; only start and end lines are decoded."""
+    started: dict[str, dict[str, Any]] = {}
+    completed: dict[str, dict[str, Any]] = {}
+    for line in LineageLog(path).lines():
+        if _RUN_STARTED in line:
+            record = _decode(line)
+            started[record["run_id"]] = record
+        elif _RUN_COMPLETED in line:
+            record = _decode(line)
+            completed[record["run_id"]] = record
+    runs = []
+    for run_id, start in started.items():
+        name = _pipeline_name(start["data"])
+        if pipeline is not None and name != pipeline:
+            continue
+        end = completed.get(run_id, {}).get("data")
+        runs.append(
+            RunSummary(
+                run_id=run_id,
+                correlation_id=start["correlation_id"],
+                pipeline=name,
+                status=str(end.get("status", "unknown")) if end else "incomplete",
+                started_at=(end or {}).get("started_at") or start["ts"],
+                ended_at=end.get("ended_at") if end else None,
+                duration_s=end.get("duration_s") if end else None,
+                records=end.get("records") if end else None,
+            )
+        )
+    return runs
+
+
+def resolve_run_id(path: Path, run_id: str | None) -> str:
+    """`run_id` itself if the log has it, or the last run's id when `run_id` is None."""
+    runs = list_runs(path)
+    if not runs:
+        raise RunNotFoundError(f"the lineage log {path} has no runs yet; run a pipeline first")
+    if run_id is None:
+        return runs[-1].run_id
+    matches = [run.run_id for run in runs if run.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise RunNotFoundError(
+            f"no run {run_id!r} in {path}; 'flext-context runs' lists the runs it has"
+        )
+    raise UsageError(f"{run_id!r} matches {len(matches)} runs; give more of the run id")
+
+
+def run_records(path: Path, run_id: str) -> list[dict[str, Any]]:
+    """The records of one run, in log order."""
+    needle = b'"run_id":' + json.dumps(run_id).encode()
+    return [_decode(line) for line in LineageLog(path).lines() if needle in line]
+
+
+def _by_event(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for record in records:
+        yield record["event"], dict(record.get("data") or {})
+
+
+def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The lineage report of one run from its records (as `run_records` returns them)."""
+    if not records:
+        raise RunNotFoundError("no events for this run")
+    first, last = records[0], records[-1]
+    started: dict[str, Any] = {}
+    completed: dict[str, Any] | None = None
+    phases: dict[str, dict[str, Any]] = {}
+    streams: dict[str, dict[str, Any]] = {}
+    state: dict[str, Any] = {"loaded": None, "persisted": None}
+    anomalies: dict[str, Any] = {"count": 0, "first": []}
+    extra_edges: list[dict[str, Any]] = []
+    for event, data in _by_event(records):
+        if event == "run_started":
+            started = data
+        elif event == "run_completed":
+            completed = data
+        elif event in {"phase_started", "phase_completed"}:
+            name = str(data.get("phase", "?"))
+            phase = phases.setdefault(name, {"phase": name, "status": "running"})
+            phase.update({key: value for key, value in data.items() if value is not None})
+        elif event == "stream_stats":
+            streams[str(data.get("stream", "?"))] = data
+        elif event == "state_loaded":
+            state["loaded"] = data
+        elif event == "state_persisted":
+            state["persisted"] = data
+        elif event == "anomalies":
+            anomalies = {"count": int(data.get("count", 0)), "first": list(data.get("first", []))}
+        elif event == "lineage_edges":
+            extra_edges.extend(data.get("edges", []))
+    pipeline = dict(started.get("pipeline") or {})
+    pipeline.setdefault("name", _pipeline_name(started))
+    end = completed or {}
+    stream_rows = [_stream_row(stats, pipeline) for stats in streams.values()]
+    nodes, edges = _graph(stream_rows, pipeline, extra_edges)
+    return {
+        "report_version": REPORT_VERSION,
+        "run_id": first["run_id"],
+        "correlation_id": first["correlation_id"],
+        "status": str(end.get("status", "incomplete")) if completed is not None else "incomplete",
+        "pipeline": pipeline,
+        "started_at": end.get("started_at") or started.get("started_at") or first["ts"],
+        "ended_at": end.get("ended_at"),
+        "duration_s": end.get("duration_s"),
+        "records": end.get("records", sum(row["records"] for row in stream_rows)),
+        "bytes": end.get("bytes", sum(row["bytes"] for row in stream_rows)),
+        "digest": end.get("digest"),
+        "error": end.get("error"),
+        "parent_correlation_id": started.get("parent_correlation_id"),
+        "inherited_correlation_from": started.get("inherited_correlation_from"),
+        "openlineage_parent": started.get("openlineage_parent"),
+        "ci": started.get("ci") or {},
+        "flext_context_version": started.get("flext_context_version"),
+        "phases": [_phase_row(phase) for phase in phases.values()],
+        "streams": stream_rows,
+        "state": state,
+        "anomalies": anomalies,
+        "nodes": nodes,
+        "edges": edges,
+        "log": {
+            "events": len(records),
+            "first_seq": first["seq"],
+            "last_seq": last["seq"],
+            "last_hash": last["hash"],
+        },
+    }
+
+
+def _phase_row(phase: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "phase": phase["phase"],
+        "plugin": phase.get("plugin"),
+        "phase_run_id": phase.get("phase_run_id"),
+        "status": phase.get("status", "running"),
+        "started_at": phase.get("started_at"),
+        "ended_at": phase.get("ended_at"),
+        "duration_s": phase.get("duration_s"),
+        "exit_code": phase.get("exit_code"),
+        "stderr_tail": list(phase.get("stderr_tail") or []),
+        "metrics": dict(phase.get("metrics") or {}),
+    }
+
+
+def _stream_row(stats: Mapping[str, Any], pipeline: Mapping[str, Any]) -> dict[str, Any]:
+    counts = {str(key): int(value) for key, value in (stats.get("counts") or {}).items()}
+    stream = str(stats.get("stream", "?"))
+    output = stats.get("output_dataset") or {}
+    return {
+        "stream": stream,
+        "records": int(stats.get("records", counts.get("RECORD", 0))),
+        "counts": counts,
+        "bytes": int(stats.get("bytes") or 0),
+        "first_record_at": stats.get("first_record_at"),
+        "last_record_at": stats.get("last_record_at"),
+        "schema": stats.get("schema"),
+        "tap_metrics": dict(stats.get("tap_metrics") or {}),
+        "target_metrics": dict(stats.get("target_metrics") or {}),
+        "input_dataset": stats.get("input_dataset")
+        or {"namespace": f"singer://{pipeline.get('tap', 'tap')}", "name": stream},
+        "output_dataset": output
+        or {"namespace": f"singer://{pipeline.get('target', 'target')}", "name": stream},
+        "target_table": str(stats.get("target_table") or output.get("name") or stream),
+    }
+
+
+def _node_id(end: Any) -> tuple[str, dict[str, Any]]:
+    """An edge end (`"kind:name"` or `{"kind", "name", ...}`) as a node id and node."""
+    if isinstance(end, Mapping):
+        kind, name = str(end.get("kind", "dataset")), str(end.get("name", "?"))
+        node = {"id": f"{kind}:{name}", "kind": kind, "name": name}
+        if end.get("namespace"):
+            node["namespace"] = str(end["namespace"])
+        return node["id"], node
+    kind, _, name = str(end).partition(":")
+    if not name:
+        kind, name = "dataset", kind
+    return f"{kind}:{name}", {"id": f"{kind}:{name}", "kind": kind, "name": name}
+
+
+def _graph(
+    streams: Sequence[Mapping[str, Any]],
+    pipeline: Mapping[str, Any],
+    extra: Iterable[Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    nodes: dict[str, dict[str, Any]] = {}
+    edges: list[dict[str, Any]] = []
+    for row in streams:
+        source = {"kind": "stream", "name": row["stream"], "namespace": pipeline.get("tap")}
+        target = {
+            "kind": "table",
+            "name": row["target_table"],
+            "namespace": row["output_dataset"].get("namespace"),
+        }
+        edges.append({"source": source, "target": target, "via": pipeline.get("target")})
+    edges.extend(dict(edge) for edge in extra if isinstance(edge, Mapping))
+    out = []
+    for edge in edges:
+        source_id, source = _node_id(edge.get("source"))
+        target_id, target = _node_id(edge.get("target"))
+        nodes.setdefault(source_id, source)
+        nodes.setdefault(target_id, target)
+        row = {"source": source_id, "target": target_id}
+        if edge.get("via"):
+            row["via"] = str(edge["via"])
+        if row not in out:
+            out.append(row)
+    return list(nodes.values()), out
