@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -72,3 +73,206 @@ def cli(log_format: str, log_level: str) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="flext-context")
+
+
+# --- lineage: runs, report, verify, check (issue 5) -------------------------------------------
+
+_LOG_OPTION = click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Lineage log (default: $FLEXT_CONTEXT_LINEAGE_PATH, else .meltano/flext-context/"
+    "lineage.jsonl under Meltano, else ./.flext-context/lineage.jsonl).",
+)
+
+
+def _lineage_path(log_path: Path | None) -> Path:
+    from flext_meltano_context.lineage import default_log_path
+
+    return log_path if log_path is not None else default_log_path()
+
+
+def _write_output(text: str, output: Path | None) -> None:
+    """Text to stdout, or to `output` through a temp file and os.replace."""
+    if output is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    import os
+    import tempfile
+
+    from flext_meltano_context.errors import FlextContextError
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        Path(tmp).replace(output)
+    except OSError as exc:
+        raise FlextContextError(f"cannot write {output}: {exc.strerror}") from exc
+    click.echo(f"wrote {output}", err=True)
+
+
+@cli.command()
+@_LOG_OPTION
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--pipeline", default=None, help="Only runs of this pipeline (its name).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@_exits
+def runs(log_path: Path | None, limit: int, pipeline: str | None, fmt: str) -> None:
+    """List recent runs, newest first: status, duration, records, correlation id."""
+    import json
+
+    from flext_meltano_context.lineage.report import list_runs
+
+    path = _lineage_path(log_path)
+    found = list_runs(path, pipeline=pipeline)[-limit:][::-1]
+    if fmt == "json":
+        click.echo(json.dumps([run.to_dict() for run in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no runs in {path}", err=True)
+        return
+    header = ("RUN ID", "PIPELINE", "STATUS", "STARTED", "DURATION", "RECORDS", "CORRELATION ID")
+    rows = [
+        (
+            run.run_id,
+            run.pipeline,
+            run.status,
+            (run.started_at or "")[:19].replace("T", " "),
+            "" if run.duration_s is None else f"{run.duration_s:.1f}s",
+            "" if run.records is None else str(run.records),
+            run.correlation_id,
+        )
+        for run in found
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--last", is_flag=True, help="The last run in the log (the default).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "markdown", "html", "openlineage"]),
+    default="json",
+    show_default=True,
+    help="openlineage: the run's RunEvents as JSON Lines.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_LOG_OPTION
+@_exits
+def report(
+    run_id: str | None, last: bool, fmt: str, output: Path | None, log_path: Path | None
+) -> None:
+    """Report one run (RUN_ID or a unique prefix of it, or --last) from the lineage log."""
+    import json
+
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+
+    if run_id and last:
+        raise UsageError("give a RUN_ID or --last, not both")
+    path = _lineage_path(log_path)
+    records = run_records(path, resolve_run_id(path, run_id))
+    if fmt == "openlineage":
+        from flext_meltano_context.lineage.openlineage import run_events
+
+        text = "".join(json.dumps(event, sort_keys=True) + "\n" for event in run_events(records))
+    else:
+        data = build_report(records)
+        if fmt == "json":
+            text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        elif fmt == "markdown":
+            from flext_meltano_context.lineage.render import to_markdown
+
+            text = to_markdown(data)
+        else:
+            from flext_meltano_context.lineage.render import to_html
+
+            text = to_html(data)
+    _write_output(text, output)
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_exits
+def verify(path: Path | None) -> None:
+    """Check the lineage log's hash chain: exit 0 when intact, else name the first bad line."""
+    from flext_meltano_context.errors import FlextContextError
+    from flext_meltano_context.lineage.log import verify as verify_log
+
+    result = verify_log(_lineage_path(path))
+    if not result.ok:
+        raise FlextContextError(result.describe())
+    click.echo(result.describe())
+    for sealed in result.sealed:
+        click.echo(
+            f"note: line {sealed.line} is a partial line ({sealed.length} bytes at byte "
+            f"{sealed.offset}) left by a crash and sealed by the next writer",
+            err=True,
+        )
+
+
+def _min_records(values: tuple[str, ...]) -> dict[str, int]:
+    from flext_meltano_context.errors import UsageError
+
+    out = {}
+    for value in values:
+        stream, sep, number = value.rpartition("=")
+        if not sep or not stream or not number.isdigit():
+            raise UsageError(f"--min-records wants STREAM=N, got {value!r}")
+        out[stream] = int(number)
+    return out
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--last", is_flag=True, help="Check the last run in the log (the default).")
+@click.option("--require-success", is_flag=True, help="Fail unless the run succeeded.")
+@click.option("--min-records", multiple=True, metavar="STREAM=N", help="Repeatable.")
+@click.option(
+    "--max-drop-pct",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Fail when a stream has P%% fewer records than the pipeline's previous successful run.",
+)
+@_LOG_OPTION
+@_exits
+def check(
+    run_id: str | None,
+    last: bool,
+    require_success: bool,
+    min_records: tuple[str, ...],
+    max_drop_pct: float | None,
+    log_path: Path | None,
+) -> None:
+    """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule."""
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.lineage import gate
+    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+
+    if run_id and last:
+        raise UsageError("give a RUN_ID or --last, not both")
+    minimums = _min_records(min_records)
+    path = _lineage_path(log_path)
+    data = build_report(run_records(path, resolve_run_id(path, run_id)))
+    previous = gate.previous_success(path, data) if max_drop_pct is not None else None
+    problems = gate.violations(
+        data,
+        require_success=require_success,
+        min_records=minimums,
+        max_drop_pct=max_drop_pct,
+        previous=previous,
+    )
+    for problem in problems:
+        click.echo(f"check failed: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    compared = f"; compared with run {previous['run_id']}" if previous else ""
+    click.echo(f"check passed: run {data['run_id']} ({data['status']}){compared}", err=True)
