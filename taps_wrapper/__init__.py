@@ -5,3 +5,7 @@ environment, drains its stderr on a thread of its own (a chatty tap must never d
 aggregates Singer SDK `METRIC:` lines, keeps the last stderr lines for error reports and records
 start, first byte, first record, end of output and exit code.
 """
+
+from taps_wrapper.tap import Tap, standalone_command
+
+__all__ = ["Tap", "standalone_command"]

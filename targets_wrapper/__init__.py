@@ -5,3 +5,7 @@ state lines it prints on stdout (each one a state the target confirmed, handed o
 aggregates its `METRIC:` lines and its final `Reader ... completed processing` line, and records
 start, end of input, exit and exit code.
 """
+
+from targets_wrapper.target import Target
+
+__all__ = ["Target"]

@@ -1,0 +1,192 @@
+"""The few Meltano CLI calls a run makes: plugin lookup, catalog, state get/set, invoke.
+
+Each plugin runs through `meltano invoke` so its config, `env:`, inheritance and settings stay
+Meltano's. Every Meltano start costs about a second, so independent calls run in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flext_meltano_context.errors import FlextContextError, UsageError
+
+T = TypeVar("T")
+
+# Run with Meltano's own interpreter: looks plugins up without starting any of them.
+_PLUGIN_INFO = """
+import json, sys
+from meltano.core.project import Project
+from meltano.core.plugin.error import PluginNotFoundError
+project = Project.find()
+out = {}
+for name in sys.argv[1:]:
+    try:
+        plugin = project.plugins.find_plugin(name)
+    except PluginNotFoundError:
+        out[name] = None
+        continue
+    out[name] = {"type": str(plugin.type), "capabilities": sorted(plugin.capabilities)}
+print("\\n" + json.dumps(out))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    name: str
+    type: str  # extractors, loaders, transformers, utilities...
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Meltano:
+    """How to call the Meltano that runs us, in which project and environment."""
+
+    executable: str
+    project_root: Path
+    environment: str | None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def argv(self, *args: str, quiet: bool = False) -> list[str]:
+        head = [self.executable]
+        if quiet:
+            head.append("--log-level=warning")
+        if self.environment:
+            head.append(f"--environment={self.environment}")
+        return [*head, *args]
+
+    def invoke_argv(self, plugin: str, *args: str) -> list[str]:
+        """`meltano invoke PLUGIN ARGS...`; `dbt-x:run` style names invoke that command."""
+        return self.argv("invoke", plugin, *args)
+
+    def _run(self, args: Sequence[str], what: str, timeout: float = 600) -> str:
+        try:
+            done = subprocess.run(
+                list(args),
+                capture_output=True,
+                env=dict(self.env),
+                cwd=self.project_root,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot run Meltano ({self.executable!r}) for {what}: {exc.strerror}"
+            ) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise FlextContextError(f"meltano {what} did not finish in {timeout:.0f} s") from exc
+        if done.returncode != 0:
+            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-8:]
+            shown = "\n  ".join(tail) or "(nothing on stderr)"
+            raise FlextContextError(
+                f"meltano {what} exited with {done.returncode}; last stderr lines:\n  {shown}"
+            )
+        return done.stdout.decode("utf-8", "replace")
+
+    def python(self) -> str | None:
+        """The interpreter Meltano runs on (from its script's shebang), None when unknown."""
+        try:
+            with Path(self.executable).resolve().open("rb") as script:
+                first = script.readline(512)
+        except OSError:
+            return None
+        if not first.startswith(b"#!"):
+            return None
+        parts = first[2:].decode("utf-8", "replace").split()
+        return parts[0] if len(parts) == 1 and Path(parts[0]).exists() else None
+
+    def plugin_info(self, names: Sequence[str]) -> dict[str, PluginInfo | None] | None:
+        """Look plugins up in the project; None when Meltano's interpreter is not usable."""
+        python = self.python()
+        if python is None:
+            return None
+        try:
+            text = self._run([python, "-c", _PLUGIN_INFO, *names], "plugin lookup")
+            decoded = json.loads(text.strip().splitlines()[-1])
+        except (FlextContextError, ValueError, IndexError):
+            return None
+        found: dict[str, PluginInfo | None] = {}
+        for name in names:
+            item = decoded.get(name)
+            found[name] = (
+                PluginInfo(name, str(item["type"]), frozenset(item["capabilities"]))
+                if isinstance(item, dict)
+                else None
+            )
+        return found
+
+    def dump_catalog(self, tap: str, dest: Path) -> None:
+        """The tap's catalog with the project's select/metadata rules applied, written to `dest`."""
+        text = self._run(
+            self.argv("invoke", "--dump=catalog", tap, quiet=True), f"invoke --dump=catalog {tap}"
+        )
+        dest.write_text(text, encoding="utf-8")
+
+    def state_get(self, state_id: str) -> dict[str, Any] | None:
+        """The stored Singer state value for `state_id`, None when there is none."""
+        text = self._run(self.argv("state", "get", state_id, quiet=True), f"state get {state_id}")
+        lines = [line for line in text.splitlines() if line.strip().startswith("{")]
+        if not lines:
+            return None
+        try:
+            stored = json.loads(lines[-1])
+        except ValueError as exc:
+            raise FlextContextError(
+                f"meltano state get {state_id} printed no JSON state: {lines[-1][:80]!r}"
+            ) from exc
+        value = stored.get("singer_state") if isinstance(stored, dict) else None
+        return value if isinstance(value, dict) else None
+
+    def state_set(self, state_id: str, value: Mapping[str, Any]) -> None:
+        """Store `value` as the complete state of `state_id` (`meltano state set --force`)."""
+        payload = json.dumps({"singer_state": value}, separators=(",", ":"))
+        self._run(
+            self.argv("state", "set", "--force", state_id, payload, quiet=True),
+            f"state set {state_id}",
+        )
+
+
+def find_meltano(environ: Mapping[str, str]) -> str:
+    """The `meltano` that runs us: `$MELTANO_SYS_DIR_ROOT/run/bin`, else `meltano` on PATH."""
+    sys_dir = environ.get("MELTANO_SYS_DIR_ROOT")
+    if sys_dir:
+        candidate = Path(sys_dir) / "run" / "bin"
+        if candidate.exists() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("meltano", path=environ.get("PATH"))
+    if found is None:
+        raise UsageError(
+            "Meltano was not found (no $MELTANO_SYS_DIR_ROOT/run/bin and no 'meltano' on PATH); "
+            "run through 'meltano invoke flext-context run ...', or use --tap-cmd/--target-cmd"
+        )
+    return found
+
+
+def in_parallel(*calls: Callable[[], T]) -> list[T]:
+    """Run `calls` on threads at once; results in order; the first error is raised."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], T]) -> None:
+        try:
+            results[i] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results

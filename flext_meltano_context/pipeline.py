@@ -1,0 +1,890 @@
+"""One run of tap -> relay -> target (then transformer blocks): processes, state, signals, lineage.
+
+Meltano mode (under `meltano invoke`, `MELTANO_PROJECT_ROOT` set) launches every plugin through
+`meltano invoke` and keeps state exactly as `meltano run` does; standalone mode runs any Singer
+commands with `--state`/`--state-out` files. Both share the relay, the child environment, timing,
+failure semantics and the lineage record. `execute()` returns a RunResult and raises only for bad
+input found before any child starts; `run_pipeline()` raises the run's error as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from flext_meltano_context import runenv, state
+from flext_meltano_context.__about__ import __version__
+from flext_meltano_context.errors import (
+    AbortedError,
+    FlextContextError,
+    StepError,
+    StrictModeError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from flext_meltano_context.children import Exit
+    from flext_meltano_context.lineage.recorder import Recorder
+    from flext_meltano_context.meltano import Meltano
+    from flext_meltano_context.relay import RelayProgress, RelayStats
+    from taps_wrapper.tap import Tap
+    from targets_wrapper.target import Target
+
+log = structlog.get_logger("flext_meltano_context.pipeline")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The plugin's settings, read from `FLEXT_CONTEXT_*` in this one place."""
+
+    lineage_path: Path
+    inject_state: bool = False  # merge flext_context into the STATE messages the target sees
+    record_column_streams: frozenset[str] = frozenset()  # streams given _sdc_correlation_id
+    strict: bool = False
+    grace_seconds: float = 30.0  # how long a stopped child may take to finish cleanly
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        from flext_meltano_context.lineage import default_log_path
+
+        env = os.environ if environ is None else environ
+        streams = env.get("FLEXT_CONTEXT_RECORD_COLUMN_STREAMS", "")
+        grace = env.get("FLEXT_CONTEXT_GRACE_SECONDS", "")
+        try:
+            grace_seconds = float(grace) if grace else 30.0
+        except ValueError as exc:
+            raise UsageError(
+                f"FLEXT_CONTEXT_GRACE_SECONDS={grace[:20]!r} is not a number of seconds"
+            ) from exc
+        return cls(
+            lineage_path=default_log_path(env),
+            inject_state=env.get("FLEXT_CONTEXT_INJECT_STATE", "").lower() in _TRUE,
+            record_column_streams=frozenset(s.strip() for s in streams.split(",") if s.strip()),
+            strict=env.get("FLEXT_CONTEXT_STRICT", "").lower() in _TRUE,
+            grace_seconds=grace_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    """What to run. Meltano mode names plugins; standalone mode gives their commands."""
+
+    tap: str
+    target: str
+    transformers: tuple[str, ...] = ()  # Meltano `dbt-x:run` blocks
+    tap_cmd: tuple[str, ...] | None = None  # standalone
+    target_cmd: tuple[str, ...] | None = None
+    transform_cmds: tuple[tuple[str, ...], ...] = ()  # standalone commands run after the load
+    state_in: Path | None = None  # standalone --state
+    state_out: Path | None = None  # standalone --state-out
+    full_refresh: bool = False
+    state_id_suffix: str | None = None
+    force: bool = False
+
+    @property
+    def standalone(self) -> bool:
+        return self.tap_cmd is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseResult:
+    phase: str
+    plugin: str
+    phase_run_id: str
+    status: str  # success, failed, skipped, aborted
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    stderr_tail: tuple[str, ...] = ()
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return round(self.ended_at - self.started_at, 3)
+
+    def event_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "phase": self.phase,
+            "plugin": self.plugin,
+            "phase_run_id": self.phase_run_id,
+            "started_at": state.iso(self.started_at),
+            "ended_at": state.iso(self.ended_at),
+            "duration_s": self.duration_s,
+            "exit_code": self.exit_code,
+            "status": self.status,
+            "metrics": dict(self.metrics),
+        }
+        if self.status == "failed":
+            data["stderr_tail"] = list(self.stderr_tail)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a run did; `error` is set when it did not succeed."""
+
+    run_id: str
+    correlation_id: str
+    status: str  # success, failed, aborted
+    mode: str
+    started_at: float
+    ended_at: float
+    streams: Mapping[str, int]  # records per stream, as relayed
+    bytes: int
+    phases: tuple[PhaseResult, ...]
+    state_id: str | None
+    state_loaded_from: str | None  # run id that wrote the state this run resumed from
+    confirmed_states: int
+    state_persisted: bool
+    lineage_path: Path
+    digest: str | None = None
+    anomaly_count: int = 0
+    error: FlextContextError | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(self.streams.values())
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else self.error.exit_code
+
+    @property
+    def duration_s(self) -> float:
+        return round(self.ended_at - self.started_at, 3)
+
+
+def run_pipeline(spec: PipelineSpec, **kwargs: Any) -> RunResult:
+    """Run the pipeline; raise its error (StepError, AbortedError...) when it did not succeed."""
+    result = execute(spec, **kwargs)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def step_name(argv: Sequence[str]) -> str:
+    """A readable name for a standalone command: `tap_x.py`, not `python3`."""
+    first = Path(argv[0]).name
+    if first.startswith("python") and len(argv) > 1:
+        return Path(argv[1]).name if argv[1] != "-m" or len(argv) < 3 else argv[2]
+    return first
+
+
+class _Persister:
+    """Persists each state the target confirms, coalescing: the latest always wins and lands.
+
+    Runs on its own thread so a slow store (`meltano state set` costs a second) never stalls the
+    target's stdout reader; `finish()` waits until the last confirmed state is stored.
+    """
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], identity: runenv.RunIdentity):
+        self._write = write
+        self._identity = identity
+        self._pending: dict[str, Any] | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self.confirmed = 0
+        self.persisted = 0
+        self.last_written_at: str | None = None
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="state-persister", daemon=True)
+        self._thread.start()
+
+    def offer(self, value: dict[str, Any]) -> None:
+        with self._cond:
+            self.confirmed += 1
+            self._pending = value
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                value, self._pending = self._pending, None
+                if value is None:
+                    return
+            written_at = state.utc_now()
+            stamped = state.attach_context(
+                value,
+                correlation_id=self._identity.correlation_id,
+                run_id=self._identity.run_id,
+                written_at=written_at,
+            )
+            try:
+                self._write(stamped)
+            except Exception as exc:  # noqa: BLE001 - reported as the run's error at the end
+                self.errors.append(str(exc))
+                log.error("state_persist_failed", error=str(exc)[:500])
+                continue
+            self.persisted += 1
+            self.last_written_at = written_at
+
+    def finish(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+
+class _Stopper:
+    """SIGINT/SIGTERM: first a graceful stop (tap first), a second signal kills everything."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.signum: int | None = None
+        self.hard = False
+        self.tap: Tap | None = None
+        self.target: Target | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; embedders handle signals themselves
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is not None:
+            self.hard = True
+            for child in (self.tap, self.target):
+                if child is not None:
+                    child.child.signal(signal.SIGKILL)
+            return
+        self.signum = signum
+        if self.tap is None:
+            raise AbortedError(
+                signum, f"stopped by {signal.Signals(signum).name} before the run began"
+            )
+        print(  # noqa: T201 - a direct line to the user at the terminal, not a log event
+            f"flext-context: {signal.Signals(signum).name}: stopping the tap, letting the target "
+            "confirm its state; send again to stop at once",
+            file=sys.stderr,
+        )
+        self.tap.child.signal(signal.SIGTERM)
+        tap = self.tap
+        threading.Thread(target=_kill_after, args=(tap, self.grace), daemon=True).start()
+
+
+def _kill_after(tap: Tap, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if tap.child.poll() is not None:
+            return
+        time.sleep(0.05)
+    tap.child.signal(signal.SIGKILL)
+
+
+@dataclass
+class _Prepared:
+    """What preflight found: commands, state, where things go."""
+
+    mode: str
+    tap_argv: list[str]
+    target_argv: list[str]
+    transform_argvs: list[tuple[str, list[str]]]
+    state_id: str | None
+    loaded: state.LoadedState | None
+    write_state: Callable[[dict[str, Any]], None] | None
+    lock: state.StateLock | None = None
+    workdir: Path | None = None
+    meltano: Meltano | None = None
+    cwd: str | None = None
+
+
+def _prepare_standalone(spec: PipelineSpec) -> _Prepared:
+    from taps_wrapper.tap import standalone_command
+
+    if spec.tap_cmd is None or spec.target_cmd is None:
+        raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
+
+    loaded = None
+    if spec.state_in is not None and not spec.full_refresh:
+        loaded = state.read_state_file(spec.state_in)
+    out = spec.state_out
+    write = (lambda value: state.write_json_atomic(out, value)) if out is not None else None
+    return _Prepared(
+        mode="standalone",
+        tap_argv=standalone_command(spec.tap_cmd, spec.state_in if loaded else None),
+        target_argv=list(spec.target_cmd),
+        transform_argvs=[(" ".join(cmd), list(cmd)) for cmd in spec.transform_cmds],
+        state_id=str(out) if out is not None else None,
+        loaded=loaded,
+        write_state=write,
+    )
+
+
+def _prepare_meltano(
+    spec: PipelineSpec, env: Mapping[str, str], identity: runenv.RunIdentity
+) -> _Prepared:
+    from flext_meltano_context.meltano import Meltano, find_meltano
+
+    root = Path(env["MELTANO_PROJECT_ROOT"])
+    environment = env.get("MELTANO_ENVIRONMENT") or None
+    meltano = Meltano(find_meltano(env), root, environment, env)
+    suffix = spec.state_id_suffix or env.get("MELTANO_RUN_STATE_ID_SUFFIX") or None
+    if environment is None:
+        if spec.state_id_suffix:
+            raise UsageError(
+                "--state-id-suffix needs a Meltano environment; pass --environment to meltano "
+                "or set default_environment in meltano.yml"
+            )
+        log.warning(
+            "stateless_run",
+            reason="no Meltano environment is active, so no state is loaded or stored "
+            "(as under meltano run); set default_environment in meltano.yml to keep state",
+        )
+        sid = None
+    else:
+        sid = state.state_id(environment, spec.tap, spec.target, suffix)
+    sys_dir = Path(env.get("MELTANO_SYS_DIR_ROOT") or root / ".meltano")
+    workdir = sys_dir / "flext-context" / "runs" / identity.run_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if sid is not None:
+        lock = state.StateLock(sys_dir / "flext-context" / "locks", sid)
+        lock.acquire(
+            run_id=identity.run_id, correlation_id=identity.correlation_id, force=spec.force
+        )
+    try:
+        return _preflight_meltano(spec, meltano, sid, workdir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _preflight_meltano(
+    spec: PipelineSpec,
+    meltano: Meltano,
+    sid: str | None,
+    workdir: Path,
+    lock: state.StateLock | None,
+) -> _Prepared:
+    from flext_meltano_context.meltano import PluginInfo
+
+    catalog = workdir / "catalog.json"
+    names = [spec.tap, spec.target, *(block.split(":", 1)[0] for block in spec.transformers)]
+
+    def capture(call: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            try:
+                return call()
+            except FlextContextError as exc:
+                return exc
+
+        return run
+
+    from flext_meltano_context.meltano import in_parallel
+
+    info, stored, dumped = in_parallel(
+        capture(lambda: meltano.plugin_info(names)),
+        capture(lambda: meltano.state_get(sid) if sid and not spec.full_refresh else None),
+        capture(lambda: meltano.dump_catalog(spec.tap, catalog)),
+    )
+    plugins: dict[str, PluginInfo | None] = info if isinstance(info, dict) else {}
+    kinds = {spec.tap: "extractors", spec.target: "loaders"}
+    for name in names:
+        if name in plugins and plugins[name] is None:
+            raise UsageError(
+                f"no plugin named {name!r} in this Meltano project; check the name with "
+                f"'meltano config list' / meltano.yml, or add it with 'meltano add'"
+            )
+        found = plugins.get(name)
+        if found is not None and name in kinds and found.type != kinds[name]:
+            raise UsageError(
+                f"{name!r} is one of the project's {found.type}, not {kinds[name]}; "
+                f"the order is: run TAP TARGET [TRANSFORMER:COMMAND ...]"
+            )
+    tap_info = plugins.get(spec.tap)
+    caps = tap_info.capabilities if tap_info is not None else frozenset({"catalog", "state"})
+    if isinstance(stored, FlextContextError):
+        raise stored
+    loaded = state.loaded(stored) if isinstance(stored, dict) else None
+    if loaded is not None and "state" not in caps:
+        raise UsageError(
+            f"{spec.tap!r} does not declare the 'state' capability, so it cannot resume from the "
+            f"state stored under {sid!r}; add 'state' to its capabilities in meltano.yml, or pass "
+            "--full-refresh to extract everything"
+        )
+    tap_args: list[str] = []
+    if "catalog" in caps or "properties" in caps:
+        if isinstance(dumped, FlextContextError):
+            raise dumped
+        tap_args += ["--catalog" if "catalog" in caps else "--properties", str(catalog)]
+    if loaded is not None:
+        state_file = workdir / "state.json"
+        state.write_json_atomic(state_file, loaded.value)
+        tap_args += ["--state", str(state_file)]
+
+    def write(value: dict[str, Any]) -> None:
+        assert sid is not None  # noqa: S101 - only set when there is a state id
+        meltano.state_set(sid, value)
+
+    return _Prepared(
+        mode="meltano",
+        tap_argv=meltano.invoke_argv(spec.tap, *tap_args),
+        target_argv=meltano.invoke_argv(spec.target),
+        transform_argvs=[(block, meltano.invoke_argv(block)) for block in spec.transformers],
+        state_id=sid,
+        loaded=loaded,
+        write_state=write if sid is not None else None,
+        lock=lock,
+        workdir=workdir,
+        meltano=meltano,
+        cwd=str(meltano.project_root),
+    )
+
+
+def execute(
+    spec: PipelineSpec,
+    *,
+    environ: Mapping[str, str] | None = None,
+    settings: Settings | None = None,
+    progress: Callable[[RelayProgress], None] | None = None,
+) -> RunResult:
+    """Run the pipeline once; bad input raises UsageError before anything starts."""
+    env = dict(os.environ if environ is None else environ)
+    conf = settings or Settings.from_env(env)
+    if not spec.standalone and not env.get("MELTANO_PROJECT_ROOT"):
+        raise UsageError(
+            "plugin names need Meltano: run 'meltano invoke flext-context run TAP TARGET', "
+            "or give commands with --tap-cmd and --target-cmd"
+        )
+    if spec.standalone and spec.target_cmd is None:
+        raise UsageError("--tap-cmd needs --target-cmd")
+    identity = runenv.identity_from_env(env, job_name=f"{spec.tap}-to-{spec.target}")
+    started = time.time()
+    prepared = (
+        _prepare_standalone(spec) if spec.standalone else _prepare_meltano(spec, env, identity)
+    )
+    try:
+        return _run(spec, prepared, env, conf, identity, started, progress)
+    finally:
+        if prepared.lock is not None:
+            prepared.lock.release()
+        if prepared.workdir is not None:
+            shutil.rmtree(prepared.workdir, ignore_errors=True)
+
+
+def _run(
+    spec: PipelineSpec,
+    prepared: _Prepared,
+    env: Mapping[str, str],
+    conf: Settings,
+    identity: runenv.RunIdentity,
+    started: float,
+    progress: Callable[[RelayProgress], None] | None,
+) -> RunResult:
+    from flext_meltano_context import ids
+    from flext_meltano_context.lineage.recorder import Recorder
+    from flext_meltano_context.relay import Injection, relay
+    from taps_wrapper.tap import Tap
+    from targets_wrapper.target import Target
+
+    tap_name = spec.tap if not spec.standalone else step_name(prepared.tap_argv)
+    target_name = spec.target if not spec.standalone else step_name(prepared.target_argv)
+    phase_ids = {"extract": ids.uuid7(), "load": ids.uuid7()}
+    phase_ids.update({block: ids.uuid7() for block, _argv in prepared.transform_argvs})
+    recorder = Recorder(
+        conf.lineage_path, run_id=identity.run_id, correlation_id=identity.correlation_id
+    )
+    recorder.record(
+        "run_started",
+        {
+            "pipeline": {
+                "name": identity.job.name,
+                "tap": tap_name,
+                "target": target_name,
+                "transformers": [block for block, _argv in prepared.transform_argvs],
+                "state_id": prepared.state_id,
+                "mode": prepared.mode,
+            },
+            "parent_correlation_id": identity.parent_correlation_id,
+            "inherited_correlation_from": identity.inherited_from,
+            "openlineage_parent": identity.openlineage_parent(),
+            "ci": _ci(env),
+            "flext_context_version": __version__,
+            "phase_run_ids": phase_ids,
+        },
+        fsync=True,
+    )
+    if prepared.loaded is not None:
+        recorder.record("state_loaded", prepared.loaded.event_data(prepared.state_id))
+
+    persister = (
+        _Persister(prepared.write_state, identity) if prepared.write_state is not None else None
+    )
+    stopper = _Stopper(conf.grace_seconds)
+    tap: Tap | None = None
+    target: Target | None = None
+    stats: RelayStats | None = None
+    error: FlextContextError | None = None
+    relay_done = threading.Event()
+    phases: list[PhaseResult] = []
+    tap_exit: Exit | None = None
+    target_exit: Exit | None = None
+    stopper.install()
+    try:
+        target = Target(
+            target_name,
+            prepared.target_argv,
+            runenv.child_environ(
+                env,
+                runenv.phase_env(
+                    identity, phase="load", kind="load", phase_run_id=phase_ids["load"]
+                ),
+            ),
+            on_state=persister.offer if persister is not None else (lambda _value: None),
+        )
+        stopper.target = target
+        _phase_started(recorder, "load", target_name, phase_ids["load"], target.child.started_at)
+        tap = Tap(
+            tap_name,
+            prepared.tap_argv,
+            runenv.child_environ(
+                env,
+                runenv.phase_env(
+                    identity, phase="extract", kind="extract", phase_run_id=phase_ids["extract"]
+                ),
+            ),
+        )
+        stopper.tap = tap
+        _phase_started(recorder, "extract", tap_name, phase_ids["extract"], tap.child.started_at)
+        _watch_target(target, tap, relay_done, conf.grace_seconds)
+        injection = None
+        if conf.inject_state or conf.record_column_streams:
+            injection = Injection(
+                correlation_id=identity.correlation_id,
+                state_context=(
+                    {"correlation_id": identity.correlation_id, "run_id": identity.run_id}
+                    if conf.inject_state
+                    else None
+                ),
+                record_column_streams=conf.record_column_streams,
+            )
+        assert target.stdin is not None  # noqa: S101 - just started
+        try:
+            stats = relay(
+                tap.stdout,
+                target.stdin,
+                digest=True,
+                strict=conf.strict,
+                injection=injection,
+                progress=progress,
+                close_sink=False,
+            )
+        except StrictModeError as exc:
+            stats = getattr(exc, "stats", None)
+            error = exc
+            tap.child.stop(conf.grace_seconds)
+        finally:
+            relay_done.set()
+            os.close(tap.stdout)
+            target.close_input()
+        if stats is not None and stats.sink_closed_early:
+            tap.child.stop(conf.grace_seconds)
+        tap_exit = tap.child.wait()
+        target_exit = _wait_target(target, stopper, conf.grace_seconds)
+        target.join_output()
+    finally:
+        stopper.restore()
+        for started_child in (tap, target):
+            if started_child is not None and started_child.child.poll() is None:
+                started_child.child.signal(signal.SIGKILL)
+                started_child.child.wait()
+        if target is not None:
+            target.close_input()
+        if persister is not None:
+            persister.finish()
+
+    aborted = stopper.signum is not None
+    tap_failed = tap_exit.returncode != 0 and tap_exit.signalled_by_us is None
+    closed_early = stats is not None and stats.sink_closed_early
+    target_failed = target_exit.returncode != 0 or closed_early
+    if error is None and target_failed and not aborted:
+        if target_exit.returncode != 0:
+            error = StepError(target_name, target_exit.returncode, target_exit.stderr_tail)
+        else:
+            error = FlextContextError(
+                f"target {target_name!r} exited before the end of its input; the tap was stopped"
+            )
+    if error is None and tap_failed and not aborted:
+        error = StepError(tap_name, tap_exit.returncode, tap_exit.stderr_tail)
+    if error is None and persister is not None and persister.errors:
+        error = FlextContextError(
+            f"the state confirmed by {target_name!r} could not be stored: {persister.errors[-1]}"
+        )
+
+    def status_of(failed: bool) -> str:
+        return "aborted" if aborted else "failed" if failed else "success"
+
+    phases.append(
+        PhaseResult(
+            "extract",
+            tap_name,
+            phase_ids["extract"],
+            status_of(tap_failed or (error is not None and isinstance(error, StrictModeError))),
+            tap_exit.started_at,
+            tap_exit.ended_at,
+            tap_exit.returncode,
+            tap_exit.stderr_tail,
+            tap.child.metrics.to_dict(),
+        )
+    )
+    target_metrics: dict[str, Any] = target.child.metrics.to_dict()
+    if target.child.metrics.lines_processed is not None:
+        target_metrics["lines_processed"] = target.child.metrics.lines_processed
+    phases.append(
+        PhaseResult(
+            "load",
+            target_name,
+            phase_ids["load"],
+            status_of(target_failed),
+            target_exit.started_at,
+            target_exit.ended_at,
+            target_exit.returncode,
+            target_exit.stderr_tail,
+            target_metrics,
+        )
+    )
+    for phase in phases:
+        recorder.record("phase_completed", phase.event_data())
+    if stats is not None:
+        for stream in stats.streams.values():
+            recorder.record(
+                "stream_stats",
+                {
+                    "stream": stream.name,
+                    "counts": dict(stream.counts),
+                    "bytes": stream.bytes,
+                    "first_record_at": state.iso(stream.first_record_at),
+                    "last_record_at": state.iso(stream.last_record_at),
+                    "schema": _schema_summary(stream.schema, getattr(stream, "key_properties", ())),
+                    "tap_metrics": tap.child.metrics.for_stream(stream.name),
+                    "target_metrics": target.child.metrics.for_stream(stream.name),
+                },
+            )
+        if stats.anomaly_count:
+            recorder.record(
+                "anomalies",
+                {
+                    "count": stats.anomaly_count,
+                    "first": [
+                        {
+                            "kind": a.kind,
+                            "line": a.line,
+                            "offset": a.offset,
+                            "excerpt": a.excerpt,
+                            "stream": a.stream,
+                        }
+                        for a in stats.anomalies[:20]
+                    ],
+                },
+            )
+    if persister is not None and persister.persisted:
+        recorder.record(
+            "state_persisted",
+            {
+                "state_id": prepared.state_id,
+                "confirmed_states": persister.confirmed,
+                "written_at": persister.last_written_at,
+            },
+        )
+
+    el_ok = error is None and not aborted
+    for block, argv in prepared.transform_argvs:
+        if not el_ok:
+            skipped = PhaseResult(block, block.split(":", 1)[0], phase_ids[block], "skipped")
+            phases.append(skipped)
+            recorder.record("phase_completed", skipped.event_data())
+            continue
+        result, block_error = _run_block(
+            block, argv, env, identity, phase_ids[block], prepared.cwd, recorder, stopper
+        )
+        phases.append(result)
+        recorder.record("phase_completed", result.event_data())
+        if block_error is not None:
+            error, el_ok = block_error, False
+        if stopper.signum is not None:
+            aborted, el_ok = True, False
+
+    if aborted and stopper.signum is not None:
+        kept = persister.persisted if persister is not None else 0
+        error = AbortedError(
+            stopper.signum,
+            f"stopped by {signal.Signals(stopper.signum).name}; {kept} confirmed state(s) kept",
+        )
+    ended = time.time()
+    status = "aborted" if aborted else ("failed" if error is not None else "success")
+    streams = {name: s.records for name, s in stats.streams.items()} if stats else {}
+    recorder.record(
+        "run_completed",
+        {
+            "status": status,
+            "started_at": state.iso(started),
+            "ended_at": state.iso(ended),
+            "duration_s": round(ended - started, 3),
+            "records": sum(streams.values()),
+            "bytes": stats.bytes if stats else 0,
+            "digest": stats.digest if stats else None,
+            "error": str(error)[:2000] if error is not None else None,
+        },
+        fsync=True,
+    )
+    recorder.close()
+    return RunResult(
+        run_id=identity.run_id,
+        correlation_id=identity.correlation_id,
+        status=status,
+        mode=prepared.mode,
+        started_at=started,
+        ended_at=ended,
+        streams=streams,
+        bytes=stats.bytes if stats else 0,
+        phases=tuple(phases),
+        state_id=prepared.state_id,
+        state_loaded_from=prepared.loaded.written_by_run_id if prepared.loaded else None,
+        confirmed_states=persister.confirmed if persister else target.states,
+        state_persisted=bool(persister and persister.persisted),
+        lineage_path=conf.lineage_path,
+        digest=stats.digest if stats else None,
+        anomaly_count=stats.anomaly_count if stats else 0,
+        error=error,
+    )
+
+
+def _phase_started(recorder: Recorder, phase: str, plugin: str, run_id: str, at: float) -> None:
+    recorder.record(
+        "phase_started",
+        {"phase": phase, "plugin": plugin, "phase_run_id": run_id, "started_at": state.iso(at)},
+    )
+
+
+def _watch_target(target: Target, tap: Tap, relay_done: threading.Event, grace: float) -> None:
+    """When the target exits while the tap still streams, stop the tap (it cannot be heard)."""
+
+    def watch() -> None:
+        target.child.proc.wait()
+        if not relay_done.is_set():
+            log.warning("target_exited_early", target=target.name, stopping=tap.name)
+            tap.child.stop(grace)
+
+    threading.Thread(target=watch, name="target-watch", daemon=True).start()
+
+
+def _wait_target(target: Target, stopper: _Stopper, grace: float) -> Exit:
+    """Wait for the target; after a signal it gets `grace` seconds to confirm, then is stopped."""
+    import subprocess
+
+    while True:
+        try:
+            timeout = grace if stopper.signum is not None else 0.2
+            return target.child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if stopper.signum is not None:
+                target.child.stop(grace)
+
+
+def _run_block(
+    block: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    identity: runenv.RunIdentity,
+    phase_run_id: str,
+    cwd: str | None,
+    recorder: Recorder,
+    stopper: _Stopper,
+) -> tuple[PhaseResult, FlextContextError | None]:
+    """Run one transformer block with the run's context; its stdout goes to our stderr."""
+    from flext_meltano_context.children import Child
+
+    child_env = runenv.child_environ(
+        env, runenv.phase_env(identity, phase=block, kind="transform", phase_run_id=phase_run_id)
+    )
+    plugin = block.split(":", 1)[0]
+    child = Child(block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=cwd)
+    _phase_started(recorder, block, plugin, phase_run_id, child.started_at)
+    with contextlib.suppress(ValueError):  # not in the main thread: no handler to swap
+        previous = signal.signal(signal.SIGINT, lambda s, _f: _stop_block(child, stopper, s))
+        signal.signal(signal.SIGTERM, lambda s, _f: _stop_block(child, stopper, s))
+    try:
+        exit_ = child.wait()
+    finally:
+        with contextlib.suppress(ValueError, NameError):
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    failed = exit_.returncode != 0
+    status = "aborted" if stopper.signum is not None else "failed" if failed else "success"
+    result = PhaseResult(
+        block,
+        plugin,
+        phase_run_id,
+        status,
+        exit_.started_at,
+        exit_.ended_at,
+        exit_.returncode,
+        exit_.stderr_tail,
+        child.metrics.to_dict(),
+    )
+    error = StepError(block, exit_.returncode, exit_.stderr_tail) if failed else None
+    return result, error
+
+
+def _stop_block(child: Any, stopper: _Stopper, signum: int) -> None:
+    if stopper.signum is None:
+        stopper.signum = signum
+        child.signal(signal.SIGTERM)
+    else:
+        child.signal(signal.SIGKILL)
+
+
+def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    columns: dict[str, Any] = {}
+    if isinstance(properties, Mapping):
+        for name, spec in properties.items():
+            kind = spec.get("type") if isinstance(spec, Mapping) else None
+            columns[str(name)] = kind if isinstance(kind, (str, list)) else None
+    return {"properties": columns, "key_properties": list(keys)}
+
+
+def _ci(env: Mapping[str, str]) -> dict[str, Any]:
+    """Which CI system runs us, and its run id: names, never secrets."""
+    if env.get("GITHUB_ACTIONS") == "true":
+        return {
+            "system": "github-actions",
+            "run_id": env.get("GITHUB_RUN_ID"),
+            "sha": env.get("GITHUB_SHA"),
+        }
+    if env.get("GITLAB_CI") == "true":
+        return {
+            "system": "gitlab-ci",
+            "run_id": env.get("CI_PIPELINE_ID"),
+            "sha": env.get("CI_COMMIT_SHA"),
+        }
+    if env.get("CI"):
+        return {"system": "unknown"}
+    return {}

@@ -1,0 +1,90 @@
+"""What the user sees while a run goes and when it ends, all on stderr (stdout is data).
+
+On a terminal, one live line (records and records/s per stream), redrawn at most 4 times a
+second; off a terminal, a structured `records_relayed` log event every 10 s; at the end a short
+summary: records per stream, phase durations, state, correlation id, where the lineage log is.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+import structlog
+
+if TYPE_CHECKING:
+    from flext_meltano_context.pipeline import RunResult
+    from flext_meltano_context.relay import RelayProgress
+
+
+class Progress:
+    """The relay's progress callback: a live line on a TTY, a log event every 10 s elsewhere."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = 0.25 if self.tty else 10.0
+        self._next = 0.0
+        self._drawn = False
+        self._log = structlog.get_logger("flext_meltano_context.progress")
+
+    def __call__(self, progress: RelayProgress) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval
+        elapsed = max(progress.elapsed, 1e-6)
+        if self.tty:
+            parts = [
+                f"{name} {count:,} ({count / elapsed:,.0f}/s)"
+                for name, count in sorted(progress.records.items())
+            ]
+            text = " | ".join(parts) or f"{progress.lines:,} lines"
+            self.stream.write(f"\r\x1b[2K{text[:200]}")
+            self.stream.flush()
+            self._drawn = True
+        else:
+            self._log.info(
+                "records_relayed",
+                records=dict(progress.records),
+                lines=progress.lines,
+                bytes=progress.bytes,
+                elapsed_s=round(progress.elapsed, 1),
+            )
+
+    def finish(self) -> None:
+        """Clear the live line so the summary starts on a clean one."""
+        if self._drawn:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+            self._drawn = False
+
+
+def summary(result: RunResult) -> str:
+    """A few lines for a person: what moved, how long each phase took, what was kept."""
+    lines = [f"flext-context run {result.status} in {result.duration_s:.1f} s ({result.mode})"]
+    if result.streams:
+        width = max(len(name) for name in result.streams)
+        for name, count in sorted(result.streams.items()):
+            lines.append(f"  {name:<{width}}  {count:>12,} records")
+    else:
+        lines.append("  no records relayed")
+    for phase in result.phases:
+        took = f"{phase.duration_s:.1f} s" if phase.duration_s is not None else "-"
+        code = f", exit {phase.exit_code}" if phase.exit_code not in (None, 0) else ""
+        lines.append(f"  {phase.phase:<10} {phase.plugin}: {phase.status}, {took}{code}")
+    if result.state_id is None:
+        lines.append("  state: none kept (no state id / --state-out)")
+    elif result.state_persisted:
+        lines.append(
+            f"  state: {result.confirmed_states} confirmed by the target, last one stored "
+            f"under {result.state_id}"
+        )
+    else:
+        lines.append(f"  state: the target confirmed none; {result.state_id} left untouched")
+    if result.state_loaded_from:
+        lines.append(f"  resumed from state written by run {result.state_loaded_from}")
+    lines.append(f"  correlation id {result.correlation_id}, run id {result.run_id}")
+    lines.append(f"  lineage log {result.lineage_path}")
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Singer state as `meltano run` keeps it, plus who wrote it, and a lock per state id.
+
+The state id is Meltano's (`{environment}:{tap}-to-{target}[:{suffix}]`). Every state that
+flext-context persists carries `"flext_context": {"correlation_id", "run_id", "written_at"}`
+(strings only: singer-sdk targets crash on floats in state), attached again on every persist
+because singer-sdk taps keep only `bookmarks`. The lock is an `flock` on a file whose content
+names the holder: the kernel releases it when the holder dies, and a holder that died without
+cleaning up leaves its name behind, which is how a stale lock is recognised and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from flext_meltano_context.errors import LockedError, UsageError
+
+CONTEXT_KEY = "flext_context"
+
+log = structlog.get_logger("flext_meltano_context.state")
+
+
+def state_id(environment: str, tap: str, target: str, suffix: str | None = None) -> str:
+    """The id `meltano run` stores this pipeline's state under."""
+    base = f"{environment}:{tap}-to-{target}"
+    return f"{base}:{suffix}" if suffix else base
+
+
+def utc_now() -> str:
+    """Now as an ISO 8601 UTC string with microseconds."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def iso(epoch: float | None) -> str | None:
+    """An epoch time as an ISO 8601 UTC string."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def attach_context(
+    value: Mapping[str, Any], *, correlation_id: str, run_id: str, written_at: str
+) -> dict[str, Any]:
+    """A copy of the state `value` naming the run that persists it."""
+    return {
+        **value,
+        CONTEXT_KEY: {"correlation_id": correlation_id, "run_id": run_id, "written_at": written_at},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """A state read before the run, and what it says about the run that wrote it."""
+
+    value: dict[str, Any]
+    written_by_run_id: str | None
+    written_by_correlation_id: str | None
+    written_at: str | None
+
+    @property
+    def streams(self) -> list[str]:
+        bookmarks = self.value.get("bookmarks")
+        return sorted(bookmarks) if isinstance(bookmarks, Mapping) else []
+
+    def event_data(self, state_id: str | None) -> dict[str, Any]:
+        """The `state_loaded` lineage event's data."""
+        return {
+            "state_id": state_id,
+            "written_by_run_id": self.written_by_run_id,
+            "written_by_correlation_id": self.written_by_correlation_id,
+            "written_at": self.written_at,
+            "streams": self.streams,
+        }
+
+
+def loaded(value: Mapping[str, Any]) -> LoadedState:
+    """Describe a stored state value (the bare value, `flext_context` possibly inside)."""
+    ctx = value.get(CONTEXT_KEY)
+    ctx = ctx if isinstance(ctx, Mapping) else {}
+
+    def text(key: str) -> str | None:
+        item = ctx.get(key)
+        return item if isinstance(item, str) else None
+
+    return LoadedState(
+        value=dict(value),
+        written_by_run_id=text("run_id"),
+        written_by_correlation_id=text("correlation_id"),
+        written_at=text("written_at"),
+    )
+
+
+def read_state_file(path: Path) -> LoadedState | None:
+    """The state in `path` (a bare state value, as `--state-out` writes it); None when empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"state file {str(path)!r} does not exist; drop --state for a full run"
+        ) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read state file {str(path)!r}: {exc.strerror}") from exc
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"state file {str(path)!r} is not JSON ({exc}); pass a file written by --state-out"
+        ) from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"state file {str(path)!r} holds {type(value).__name__}, not an object")
+    if set(value) == {"singer_state"} and isinstance(value["singer_state"], dict):
+        value = value["singer_state"]  # `meltano state get` output works too
+    return loaded(value)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path` through a temp file and os.replace: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(value, out, separators=(",", ":"))
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StateLock:
+    """An exclusive lock on one state id, held for the whole run."""
+
+    def __init__(self, directory: Path, state_id: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", state_id)
+        self.path = directory / f"{safe}.lock"
+        self.state_id = state_id
+        self._file: IO[str] | None = None
+
+    def acquire(self, *, run_id: str, correlation_id: str, force: bool = False) -> None:
+        """Take the lock or raise LockedError naming the holder; `force` runs anyway."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = _describe(_read_holder(handle))
+            if not force:
+                handle.close()
+                raise LockedError(
+                    f"state id {self.state_id!r} is locked by {holder}; wait for that run to "
+                    f"finish, or pass --force if it is gone ({self.path})"
+                ) from exc
+            log.warning("state_lock_forced", state_id=self.state_id, holder=holder)
+            handle.close()
+            return
+        previous = _read_holder(handle)
+        if previous:
+            # The holder died without releasing: the kernel dropped its flock, its note remains.
+            pid = previous.get("pid")
+            same_host = previous.get("host") == socket.gethostname()
+            if same_host and isinstance(pid, int) and _pid_alive(pid):
+                log.warning("state_lock_note_ignored", state_id=self.state_id, holder=previous)
+            else:
+                log.warning(
+                    "stale_state_lock_taken_over",
+                    state_id=self.state_id,
+                    holder=_describe(previous),
+                )
+        handle.seek(0)
+        handle.truncate()
+        holder_note = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": run_id,
+            "correlation_id": correlation_id,
+            "state_id": self.state_id,
+            "started_at": utc_now(),
+        }
+        handle.write(json.dumps(holder_note))
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Clear the holder note and drop the lock."""
+        if self._file is None:
+            return
+        with contextlib.closing(self._file) as handle:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        self._file = None
+
+
+def _read_holder(handle: IO[str]) -> dict[str, Any]:
+    handle.seek(0)
+    text = handle.read()
+    if not text.strip():
+        return {}
+    try:
+        note = json.loads(text)
+    except ValueError:
+        return {"note": text[:80]}
+    return note if isinstance(note, dict) else {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "another run (no holder note)"
+    since = holder.get("started_at", "?")
+    return (
+        f"run {holder.get('run_id', '?')} (pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, since {since})"
+    )

@@ -1,0 +1,361 @@
+"""The run command in standalone mode: real fake plugins, fault injection, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from flext_meltano_context.cli import cli
+from flext_meltano_context.errors import AbortedError, StepError, UsageError
+from flext_meltano_context.pipeline import PipelineSpec, RunResult, Settings, execute
+from tests.conftest import fake
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+def spec(tap: list[str], target: list[str], **kwargs: Any) -> PipelineSpec:
+    return PipelineSpec(
+        tap="tap", target="target", tap_cmd=tuple(tap), target_cmd=tuple(target), **kwargs
+    )
+
+
+def run(tmp_path: Path, tap: list[str], target: list[str], **kwargs: Any) -> RunResult:
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3)
+    return execute(spec(tap, target, **kwargs), environ=dict(os.environ), settings=settings)
+
+
+def events(tmp_path: Path) -> list[dict[str, Any]]:
+    lines = (tmp_path / "lineage.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
+
+
+def assert_no_orphans(pid_dir: Path) -> None:
+    pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
+    assert pids, "the fakes wrote no pid files"
+    deadline = time.monotonic() + 3
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_records_reach_the_target_and_the_last_confirmed_state_is_written(tmp_path: Path) -> None:
+    out, state_out = tmp_path / "out.jsonl", tmp_path / "state.json"
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "12"),
+        fake("target_collect.py", str(out)),
+        state_out=state_out,
+    )
+    assert (result.status, result.exit_code, result.records) == ("success", 0, 12)
+    assert len(out.read_text().splitlines()) == 12
+    written = json.loads(state_out.read_text())
+    assert written["bookmarks"] == {"users": {"id": 12}}
+    assert written["flext_context"]["run_id"] == result.run_id
+    assert written["flext_context"]["correlation_id"] == result.correlation_id
+    assert all(isinstance(v, str) for v in written["flext_context"].values())
+    assert result.confirmed_states == 3
+    assert result.state_persisted
+
+
+def test_second_run_resumes_from_the_first_runs_state_and_records_who_wrote_it(
+    tmp_path: Path,
+) -> None:
+    out, state_file = tmp_path / "out.jsonl", tmp_path / "state.json"
+    tap, target = fake("tap_counter.py", "--records", "5"), fake("target_collect.py", str(out))
+    first = run(tmp_path, tap, target, state_out=state_file)
+    second = run(tmp_path, tap, target, state_in=state_file, state_out=state_file)
+    assert second.state_loaded_from == first.run_id
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == list(range(1, 11))
+    loaded = [e for e in events(tmp_path) if e["event"] == "state_loaded"]
+    assert loaded[0]["run_id"] == second.run_id
+    assert loaded[0]["data"]["written_by_run_id"] == first.run_id
+    assert loaded[0]["data"]["streams"] == ["users"]
+
+
+def test_lineage_log_has_the_runs_events_in_order(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "3"),
+        fake("target_collect.py", str(tmp_path / "o")),
+    )
+    names = [e["event"] for e in events(tmp_path)]
+    assert names[0] == "run_started"
+    assert names[-1] == "run_completed"
+    assert names.count("phase_started") == 2
+    assert names.count("phase_completed") == 2
+    stats = next(e for e in events(tmp_path) if e["event"] == "stream_stats")["data"]
+    assert stats["counts"]["RECORD"] == 3
+    assert stats["schema"] == {"properties": {"id": "integer"}, "key_properties": ["id"]}
+    assert stats["tap_metrics"] == {"record_count": 3}
+    done = events(tmp_path)[-1]["data"]
+    assert done["status"] == "success"
+    assert done["records"] == 3
+    assert done["digest"] == result.digest
+
+
+def test_tap_failing_mid_stream_keeps_the_targets_confirmed_state_and_names_the_tap(
+    tmp_path: Path,
+) -> None:
+    out, state_out, pids = tmp_path / "out.jsonl", tmp_path / "state.json", tmp_path / "pids"
+    pids.mkdir()
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "20", "--fail-after", "7", "--pid-dir", str(pids)),
+        fake("target_collect.py", str(out), "--pid-dir", str(pids)),
+        state_out=state_out,
+    )
+    assert isinstance(result.error, StepError)
+    assert (result.error.step, result.error.returncode) == ("tap_counter.py", 3)
+    assert "boom" in result.error.stderr_tail[-1]
+    assert result.exit_code == 1
+    assert len(out.read_text().splitlines()) == 7  # delivered records stay delivered
+    assert json.loads(state_out.read_text())["bookmarks"] == {"users": {"id": 5}}
+    assert [p.status for p in result.phases] == ["failed", "success"]
+    assert_no_orphans(pids)
+
+
+def test_target_exiting_non_zero_stops_the_tap_and_names_the_target(tmp_path: Path) -> None:
+    out, state_out, pids = tmp_path / "out.jsonl", tmp_path / "state.json", tmp_path / "pids"
+    pids.mkdir()
+    result = run(
+        tmp_path,
+        fake(
+            "tap_counter.py",
+            "--records",
+            "12",
+            "--hang",
+            "--ignore-sigterm",
+            "--pid-dir",
+            str(pids),
+            "--grandchild",
+        ),
+        fake("target_collect.py", str(out), "--exit-after", "6", "--pid-dir", str(pids)),
+        state_out=state_out,
+    )
+    assert isinstance(result.error, StepError)
+    assert (result.error.step, result.error.returncode) == ("target_collect.py", 5)
+    assert "disk full" in str(result.error)
+    assert json.loads(state_out.read_text())["bookmarks"] == {"users": {"id": 5}}
+    assert result.phases[1].status == "failed"
+    assert_no_orphans(pids)
+
+
+def test_target_exiting_early_with_zero_still_fails_the_run(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "100000", "--pid-dir", str(pids)),
+        fake("target_collect.py", str(tmp_path / "o"), "--exit-zero-after", "3"),
+    )
+    assert result.status == "failed"
+    assert "before the end of its input" in str(result.error)
+    assert_no_orphans(pids)
+
+
+def test_target_failing_at_end_leaves_the_state_file_untouched(tmp_path: Path) -> None:
+    state_out = tmp_path / "state.json"
+    state_out.write_text('{"bookmarks": {"users": {"id": 1}}}')
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "7"),
+        fake("target_collect.py", str(tmp_path / "o"), "--confirm-at-end", "--fail-at-end"),
+        state_out=state_out,
+    )
+    assert isinstance(result.error, StepError)
+    assert result.error.returncode == 1
+    assert json.loads(state_out.read_text()) == {"bookmarks": {"users": {"id": 1}}}
+    assert not result.state_persisted
+
+
+def test_transform_runs_after_the_load_with_the_same_correlation_id(tmp_path: Path) -> None:
+    seen = tmp_path / "probe.json"
+    tap_env = tmp_path / "tap.json"
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "2", "--env-out", str(tap_env)),
+        fake("target_collect.py", str(tmp_path / "o")),
+        transform_cmds=(tuple(fake("probe_env.py", str(seen))),),
+    )
+    assert result.status == "success"
+    block_env, extract_env = json.loads(seen.read_text())["env"], json.loads(tap_env.read_text())
+    assert block_env["FLEXT_CORRELATION_ID"] == extract_env["env"]["FLEXT_CORRELATION_ID"]
+    assert (block_env["FLEXT_PHASE"], extract_env["env"]["FLEXT_PHASE"]) == ("transform", "extract")
+    assert result.phases[2].status == "success"
+
+
+def test_transform_is_skipped_and_recorded_when_the_load_failed(tmp_path: Path) -> None:
+    seen = tmp_path / "probe.json"
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "4", "--fail-after", "1"),
+        fake("target_collect.py", str(tmp_path / "o")),
+        transform_cmds=(tuple(fake("probe_env.py", str(seen))),),
+    )
+    assert result.status == "failed"
+    assert not seen.exists()
+    assert result.phases[2].status == "skipped"
+    completed = [e["data"] for e in events(tmp_path) if e["event"] == "phase_completed"]
+    assert completed[-1]["status"] == "skipped"
+
+
+def test_failing_transform_fails_the_run_naming_the_block(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "1"),
+        fake("target_collect.py", str(tmp_path / "o")),
+        transform_cmds=(tuple(fake("probe_env.py", str(tmp_path / "p.json"), "4")),),
+    )
+    assert isinstance(result.error, StepError)
+    assert result.error.returncode == 4
+    assert "probe_env.py" in result.error.step
+
+
+def test_a_missing_tap_executable_is_a_usage_error_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot start"):
+        run(tmp_path, ["/nonexistent/tap-x"], fake("target_collect.py", str(tmp_path / "o")))
+
+
+def test_a_missing_state_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        run(
+            tmp_path,
+            fake("tap_counter.py"),
+            fake("target_collect.py", str(tmp_path / "o")),
+            state_in=tmp_path / "nope.json",
+        )
+
+
+def test_plugin_names_without_meltano_are_refused_with_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "tap-x", "target-y"])
+    assert result.exit_code == 2
+    assert "meltano invoke flext-context run" in result.output
+
+
+def test_run_command_prints_a_summary_on_stderr_and_nothing_on_stdout(tmp_path: Path) -> None:
+    tap = " ".join(fake("tap_counter.py", "--records", "3"))
+    target = " ".join(fake("target_collect.py", str(tmp_path / "o")))
+    env = {"FLEXT_CONTEXT_LINEAGE_PATH": str(tmp_path / "l.jsonl")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flext_meltano_context",
+            "run",
+            "--tap-cmd",
+            tap,
+            "--target-cmd",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "users" in done.stderr
+    assert "3 records" in done.stderr
+
+
+def start_cli(tmp_path: Path, tap: list[str], target: list[str]) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "FLEXT_CONTEXT_LINEAGE_PATH": str(tmp_path / "lineage.jsonl"),
+        "FLEXT_CONTEXT_GRACE_SECONDS": "3",
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flext_meltano_context",
+            "run",
+            "--tap-cmd",
+            " ".join(tap),
+            "--target-cmd",
+            " ".join(target),
+            "--state-out",
+            str(tmp_path / "state.json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for(path: Path, lines: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path.name} never reached {lines} lines")
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"]
+)
+def test_a_signal_stops_gracefully_keeps_confirmed_state_and_records_aborted(
+    tmp_path: Path, signum: int, code: int
+) -> None:
+    out, pids = tmp_path / "out.jsonl", tmp_path / "pids"
+    pids.mkdir()
+    proc = start_cli(
+        tmp_path,
+        fake("tap_counter.py", "--records", "8", "--hang", "--pid-dir", str(pids), "--grandchild"),
+        fake("target_collect.py", str(out), "--confirm-at-end", "--pid-dir", str(pids)),
+    )
+    wait_for(out, 8)
+    proc.send_signal(signum)
+    _stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr
+    # The tap wrote its final STATE on SIGTERM; the target confirmed it at end of input.
+    assert json.loads((tmp_path / "state.json").read_text())["bookmarks"] == {"users": {"id": 8}}
+    done = events(tmp_path)[-1]
+    assert done["event"] == "run_completed"
+    assert done["data"]["status"] == "aborted"
+    assert_no_orphans(pids)
+
+
+def test_a_second_signal_stops_everything_at_once(tmp_path: Path) -> None:
+    out, pids = tmp_path / "out.jsonl", tmp_path / "pids"
+    pids.mkdir()
+    proc = start_cli(
+        tmp_path,
+        fake(
+            "tap_counter.py", "--records", "3", "--hang", "--ignore-sigterm", "--pid-dir", str(pids)
+        ),
+        fake("target_collect.py", str(out), "--pid-dir", str(pids)),
+    )
+    wait_for(out, 3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - started < 2.5  # not the 3 s grace period
+    assert proc.returncode == 130
+    assert_no_orphans(pids)
+
+
+def test_aborted_error_carries_the_shell_exit_code() -> None:
+    assert AbortedError(signal.SIGTERM, "x").exit_code == 143
