@@ -75,6 +75,107 @@ def main() -> None:
     cli(prog_name="flext-context")
 
 
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("plugins", nargs=-1)
+@click.option(
+    "--tap-cmd", help="Standalone: the tap's command line (split like a shell, no shell)."
+)
+@click.option("--target-cmd", help="Standalone: the target's command line.")
+@click.option(
+    "--transform-cmd",
+    multiple=True,
+    help="Standalone: a command to run after a successful load (repeatable).",
+)
+@click.option(
+    "--state",
+    "state_in",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Standalone: resume from this state file (a bare state value, as --state-out writes).",
+)
+@click.option(
+    "--state-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Standalone: write each state the target confirms here (atomically).",
+)
+@click.option("--full-refresh", is_flag=True, help="Ignore stored state: extract everything.")
+@click.option("--state-id-suffix", help="Meltano: append this to the state id, as meltano run.")
+@click.option("--force", is_flag=True, help="Run even if another run holds the state lock.")
+@_exits
+def run(
+    plugins: tuple[str, ...],
+    tap_cmd: str | None,
+    target_cmd: str | None,
+    transform_cmd: tuple[str, ...],
+    state_in: Path | None,
+    state_out: Path | None,
+    full_refresh: bool,
+    state_id_suffix: str | None,
+    force: bool,
+) -> None:
+    """Run TAP TARGET [TRANSFORMER:COMMAND ...] with one correlation id, counted and recorded.
+
+    \b
+    Under Meltano:  meltano invoke flext-context run tap-x target-y [dbt-x:run]
+    Standalone:     flext-context run --tap-cmd "tap-x -c c.json" --target-cmd "target-y"
+    Exit codes: 0 success, 1 a failed run, 2 bad usage (nothing started), 130/143 stopped by a
+    signal. A summary goes to stderr; the lineage log gets every event of the run.
+    """
+    import shlex
+
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.pipeline import PipelineSpec, execute
+    from flext_meltano_context.progress import Progress, summary
+
+    standalone = tap_cmd is not None or target_cmd is not None
+    if standalone:
+        if plugins:
+            raise UsageError("give either plugin names or --tap-cmd/--target-cmd, not both")
+        if tap_cmd is None or target_cmd is None:
+            raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
+        try:
+            tap_argv, target_argv = shlex.split(tap_cmd), shlex.split(target_cmd)
+            transforms = tuple(tuple(shlex.split(cmd)) for cmd in transform_cmd)
+        except ValueError as exc:
+            raise UsageError(f"cannot split a command line: {exc}") from exc
+        if not tap_argv or not target_argv:
+            raise UsageError("--tap-cmd and --target-cmd must not be empty")
+        spec = PipelineSpec(
+            tap=Path(tap_argv[0]).name,
+            target=Path(target_argv[0]).name,
+            tap_cmd=tuple(tap_argv),
+            target_cmd=tuple(target_argv),
+            transform_cmds=transforms,
+            state_in=state_in,
+            state_out=state_out,
+            full_refresh=full_refresh,
+            force=force,
+        )
+    else:
+        if len(plugins) < 2:
+            raise UsageError(
+                "name a tap and a target: 'run TAP TARGET [TRANSFORMER:COMMAND ...]', or use "
+                "--tap-cmd/--target-cmd"
+            )
+        if state_in is not None or state_out is not None or transform_cmd:
+            raise UsageError("--state, --state-out and --transform-cmd are for standalone mode")
+        spec = PipelineSpec(
+            tap=plugins[0],
+            target=plugins[1],
+            transformers=tuple(plugins[2:]),
+            full_refresh=full_refresh,
+            state_id_suffix=state_id_suffix,
+            force=force,
+        )
+    progress = Progress()
+    try:
+        result = execute(spec, progress=progress)
+    finally:
+        progress.finish()
+    click.echo(summary(result), err=True)
+    if result.error is not None:
+        raise result.error
+
+
 # --- lineage: runs, report, verify, check (issue 5) -------------------------------------------
 
 _LOG_OPTION = click.option(
