@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -328,35 +330,59 @@ def is_configured(environ: Mapping[str, str] | None = None, cwd: Path | None = N
 
 
 class Emitter:
-    """Sends the RunEvents of one run as its records are written."""
+    """Sends the RunEvents of one run as its records are written, from a thread of its own.
 
-    def __init__(self, transport: Any) -> None:
+    The pipeline never waits on the lineage server: events go to a queue and a daemon thread
+    sends them in order; `close` waits for it at most `close_timeout` seconds.
+    """
+
+    def __init__(self, transport: Any, *, close_timeout: float = 15.0) -> None:
         self.builder = EventBuilder()
         self.transport: Any | None = transport
+        self.close_timeout = close_timeout
+        self.sent = 0
+        self.failed: str | None = None
+        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send, name="openlineage-emitter", daemon=True)
+        self._thread.start()
 
     def on_record(self, record: Mapping[str, Any]) -> None:
-        """Send whatever RunEvents `record` completes; a failure warns and stops sending."""
+        """Queue whatever RunEvents `record` completes."""
         for event in self.builder.feed(record):
+            self._queue.put(event)
+
+    def close(self) -> None:
+        """Send what is queued (waiting at most `close_timeout`), then close the transport."""
+        self._queue.put(None)
+        self._thread.join(self.close_timeout)
+        if self._thread.is_alive():
+            structlog.get_logger().warning(
+                "openlineage_emit_unfinished",
+                waited_s=self.close_timeout,
+                hint="events stay in the lineage log; 'flext-context report --format "
+                "openlineage' rebuilds them",
+            )
+
+    def _send(self) -> None:
+        while (event := self._queue.get()) is not None:
             if self.transport is None:
-                return
+                continue  # a send failed: drop the rest of this run's events (they are logged)
             try:
                 self.transport.emit(event)
+                self.sent += 1
             # Any transport failure (connection refused, HTTP 5xx, a full disk) must not fail the
             # run: the lineage log keeps the events and `report --format openlineage` rebuilds them.
             except Exception as exc:  # noqa: BLE001
+                self.failed = f"{type(exc).__name__}: {str(exc)[:300]}"
                 structlog.get_logger().warning(
                     "openlineage_emit_failed",
                     event_type=event["eventType"],
                     job=event["job"]["name"],
-                    error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                    error=self.failed,
                     hint="events stay in the lineage log; 'flext-context report --format "
                     "openlineage' rebuilds them",
                 )
                 self._close_transport()
-                return
-
-    def close(self) -> None:
-        """Flush and close the transport."""
         self._close_transport()
 
     def _close_transport(self) -> None:
