@@ -371,6 +371,12 @@ def check(
         max_drop_pct=max_drop_pct,
         previous=previous,
     )
+    if max_drop_pct is not None and previous is None:
+        click.echo(
+            f"note: no earlier successful run of {data['pipeline']['name']!r}; "
+            "--max-drop-pct had nothing to compare with",
+            err=True,
+        )
     for problem in problems:
         click.echo(f"check failed: {problem}", err=True)
     if problems:
