@@ -99,7 +99,7 @@ def record_example_run(
                 "stderr_tail": ["duckdb.IOException: disk full"] if bad else [],
                 "metrics": {"record_count": total},
             },
-            fsync=True,
+            fsync=fsync,
         )
     for offset, (stream, records) in enumerate(streams.items()):
         recorder.record(
@@ -144,7 +144,7 @@ def record_example_run(
                 "status": "skipped" if bad else "success",
                 "metrics": {},
             },
-            fsync=True,
+            fsync=fsync,
         )
         clock += 3.0
     if not failed:
@@ -164,7 +164,7 @@ def record_example_run(
             "digest": "ab" * 32,
             "error": "step 'load' exited with 1" if failed else None,
         },
-        fsync=True,
+        fsync=fsync,
     )
     recorder.close()
     return run_id

@@ -1,0 +1,111 @@
+"""Lineage costs: one run's writes, and runs/report/verify on a log of many runs.
+
+Run: .venv/bin/python benchmarks/lineage.py [RUNS]   (default 10,000 runs, 13 events each)
+Baseline: the same number of lines appended with a plain write (no lock, hash or tail read).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flext_meltano_context.lineage.example import record_example_run
+from flext_meltano_context.lineage.log import verify
+from flext_meltano_context.lineage.openlineage import run_events
+from flext_meltano_context.lineage.render import to_html, to_markdown
+from flext_meltano_context.lineage.report import (
+    build_report,
+    list_runs,
+    resolve_run_id,
+    run_records,
+)
+
+
+def _timed(label: str, func: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = func(*args)
+    elapsed = time.perf_counter() - start
+    print(f"{label:<52} {elapsed * 1000:10.1f} ms")
+    return result, elapsed
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    os.environ.pop("OPENLINEAGE_URL", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+        # One run as the pipeline writes it: 13 events, fsync at phase ends and run end.
+        single = base / "single.jsonl"
+        record_example_run(single, start=t0)  # warm up imports and the directory
+        samples = []
+        for _ in range(20):
+            start = time.perf_counter()
+            record_example_run(single, start=t0, fsync=True)
+            samples.append(time.perf_counter() - start)
+        samples.sort()
+        print(f"{'one run, 13 events, 5 fsyncs (median of 20)':<52} {samples[10] * 1000:10.1f} ms")
+        samples = []
+        for _ in range(20):
+            start = time.perf_counter()
+            record_example_run(single, start=t0, fsync=False)
+            samples.append(time.perf_counter() - start)
+        samples.sort()
+        per_run = samples[10]
+        print(f"{'one run, 13 events, no fsync (median of 20)':<52} {per_run * 1000:10.1f} ms")
+
+        # Baseline: the same lines appended with plain writes.
+        lines = single.read_bytes().splitlines(keepends=True)[:13]
+        plain = base / "plain.jsonl"
+        start = time.perf_counter()
+        for _ in range(20):
+            with plain.open("ab") as handle:
+                for line in lines:
+                    handle.write(line)
+        baseline = (time.perf_counter() - start) / 20
+        print(f"{'baseline: 13 plain appends of the same lines':<52} {baseline * 1000:10.1f} ms")
+        print(f"{'  ratio (hash chain, lock, redaction / plain)':<52} {per_run / baseline:10.1f} x")
+
+        # A log of `runs` runs.
+        log = base / "lineage.jsonl"
+        start = time.perf_counter()
+        first = None
+        for index in range(runs):
+            run = record_example_run(
+                log,
+                start=t0 + dt.timedelta(minutes=index),
+                pipeline="tap-a-to-target-b" if index % 2 else "tap-c-to-target-d",
+            )
+            first = first or run
+        built = time.perf_counter() - start
+        size = log.stat().st_size
+        line_count = sum(1 for _ in log.open("rb"))
+        print(
+            f"{'built log: runs / lines / MiB':<52} {runs:>8} {line_count:>8} {size / 2**20:8.1f}"
+        )
+        print(f"{'  time to write it (per line)':<52} {built * 1e6 / line_count:10.1f} us")
+
+        result, _ = _timed(f"verify ({line_count} lines)", verify, log)
+        assert result.ok, result.describe()
+        listed, _ = _timed("runs (list_runs of all runs)", list_runs, log)
+        assert len(listed) == runs
+        last = resolve_run_id(log, None)
+        records, _ = _timed("report --last: select the run's records", run_records, log, last)
+        report, _ = _timed("report --last: build the JSON report", build_report, records)
+        _timed("report --last: render markdown", to_markdown, report)
+        _timed("report --last: render html", to_html, report)
+        _timed("report --last: openlineage events", run_events, records)
+        _timed("report of the first run: select records", run_records, log, first)
+        _timed("json.dumps of the report", json.dumps, report)
+
+
+if __name__ == "__main__":
+    main()
