@@ -1,0 +1,95 @@
+"""State ids, the flext_context stamp, state files, and the lock per state id."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from flext_meltano_context.errors import LockedError, UsageError
+from flext_meltano_context.state import (
+    StateLock,
+    attach_context,
+    loaded,
+    read_state_file,
+    state_id,
+    write_json_atomic,
+)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "expected"),
+    [(None, "dev:tap-x-to-target-y"), ("blue", "dev:tap-x-to-target-y:blue")],
+    ids=["plain", "suffix"],
+)
+def test_state_id_is_meltano_runs(suffix: str | None, expected: str) -> None:
+    assert state_id("dev", "tap-x", "target-y", suffix) == expected
+
+
+def test_attached_context_names_the_writer_and_keeps_the_bookmarks() -> None:
+    value = {"bookmarks": {"users": {"id": 3}}, "flext_context": {"run_id": "old"}}
+    stamped = attach_context(value, correlation_id="c", run_id="r", written_at="t")
+    assert stamped["bookmarks"] == value["bookmarks"]
+    assert stamped["flext_context"] == {"correlation_id": "c", "run_id": "r", "written_at": "t"}
+    described = loaded(stamped)
+    assert (described.written_by_run_id, described.streams) == ("r", ["users"])
+
+
+def test_state_file_round_trips_and_accepts_meltano_state_get_output(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"bookmarks": {"a": {}}})
+    read = read_state_file(path)
+    assert read is not None
+    assert read.value == {"bookmarks": {"a": {}}}
+    path.write_text(json.dumps({"singer_state": {"bookmarks": {"b": {}}}}))
+    read = read_state_file(path)
+    assert read is not None
+    assert read.streams == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"], ids=["garbage", "a-list"])
+def test_a_bad_state_file_is_a_usage_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=r"state\.json"):
+        read_state_file(path)
+
+
+def test_a_second_holder_is_refused_with_the_first_holders_name(tmp_path: Path) -> None:
+    first = StateLock(tmp_path, "dev:tap-to-target")
+    first.acquire(run_id="run-1", correlation_id="c")
+    with pytest.raises(LockedError, match="run-1") as caught:
+        StateLock(tmp_path, "dev:tap-to-target").acquire(run_id="run-2", correlation_id="c")
+    assert caught.value.exit_code == 2
+    first.release()
+    again = StateLock(tmp_path, "dev:tap-to-target")
+    again.acquire(run_id="run-3", correlation_id="c")
+    again.release()
+
+
+def test_force_runs_despite_the_lock(tmp_path: Path) -> None:
+    first = StateLock(tmp_path, "s")
+    first.acquire(run_id="run-1", correlation_id="c")
+    with capture_logs() as logs:
+        StateLock(tmp_path, "s").acquire(run_id="run-2", correlation_id="c", force=True)
+    assert logs[0]["event"] == "state_lock_forced"
+    first.release()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from flext_meltano_context.state import StateLock;"
+        "StateLock(Path(sys.argv[1]), 's').acquire(run_id='dead-run', correlation_id='c')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)  # exits holding it
+    lock = StateLock(tmp_path, "s")
+    with capture_logs() as logs:
+        lock.acquire(run_id="run-2", correlation_id="c")
+    assert logs[0]["event"] == "stale_state_lock_taken_over"
+    assert "dead-run" in logs[0]["holder"]
+    lock.release()
