@@ -383,3 +383,125 @@ def check(
         sys.exit(1)
     compared = f"; compared with run {previous['run_id']}" if previous else ""
     click.echo(f"check passed: run {data['run_id']} ({data['status']}){compared}", err=True)
+
+
+@cli.command("relay")
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the stats as JSON to this file (default: one JSON line on stderr).",
+)
+@click.option("--strict", is_flag=True, help="Stop before forwarding the first bad line; exit 1.")
+@click.option("--digest", is_flag=True, help="Add the sha256 of the bytes forwarded to the stats.")
+@click.option(
+    "--inject-state-correlation",
+    is_flag=True,
+    help='Merge "flext_context": {"correlation_id": ...} into each STATE value forwarded.',
+)
+@click.option(
+    "--record-column",
+    "record_columns",
+    multiple=True,
+    metavar="STREAM",
+    help="Add _sdc_correlation_id to this stream's SCHEMA and RECORDs (repeat; * = all).",
+)
+@_exits
+def relay_command(
+    stats_path: Path | None,
+    strict: bool,
+    digest: bool,
+    inject_state_correlation: bool,
+    record_columns: tuple[str, ...],
+) -> None:
+    """Relay a Singer stream from stdin to stdout byte for byte, counting every message.
+
+    \b
+    tap-x | flext-context relay --stats s.json | target-y
+    The correlation id is FLEXT_CORRELATION_ID (or TRACEPARENT's trace id), else a new one.
+    Exit 0 when everything was delivered; 1 if the target closed its input early or, with
+    --strict, on the first bad line (the stats are written in both cases).
+    """
+    import json
+    import os
+
+    from flext_meltano_context.context import FlextContext
+    from flext_meltano_context.errors import RelayError, StrictModeError
+    from flext_meltano_context.relay import Injection, RelayStats, relay
+
+    def write_stats(stats: RelayStats) -> None:
+        text = json.dumps(stats.to_dict(), ensure_ascii=False)
+        if stats_path is None:
+            click.echo(text, err=True)
+            return
+        partial = stats_path.with_name(f".{stats_path.name}.partial")
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(stats_path)
+
+    with FlextContext.Correlation.inherit_correlation() as correlation_id:
+        injection = None
+        if inject_state_correlation or record_columns:
+            context = {"correlation_id": correlation_id}
+            run_id = os.environ.get("MELTANO_RUN_ID")
+            if run_id:
+                context["run_id"] = run_id
+            injection = Injection(
+                correlation_id=correlation_id,
+                state_context=context if inject_state_correlation else None,
+                record_column_streams=frozenset(record_columns),
+            )
+        try:
+            stats = relay(0, 1, digest=digest, strict=strict, injection=injection)
+        except StrictModeError as exc:
+            write_stats(exc.stats)  # type: ignore[attr-defined]  # relay() attaches the stats
+            raise
+        finally:
+            # fd 1 is closed so the target sees end of input now; keep Python's stdout valid.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+        write_stats(stats)
+        if stats.sink_closed_early:
+            raise RelayError(
+                f"the reader of stdout closed it after {stats.lines} lines"
+                f" ({stats.records()} records); the rest of stdin was not forwarded"
+            )
+
+
+# --- lineage: runs, report, verify, check (issue 5) -------------------------------------------
+
+_LOG_OPTION = click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Lineage log (default: $FLEXT_CONTEXT_LINEAGE_PATH, else .meltano/flext-context/"
+    "lineage.jsonl under Meltano, else ./.flext-context/lineage.jsonl).",
+)
+
+
+def _lineage_path(log_path: Path | None) -> Path:
+    from flext_meltano_context.lineage import default_log_path
+
+    return log_path if log_path is not None else default_log_path()
+
+
+def _write_output(text: str, output: Path | None) -> None:
+    """Text to stdout, or to `output` through a temp file and os.replace."""
+    if output is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    import os
+    import tempfile
+
+    from flext_meltano_context.errors import FlextContextError
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        Path(tmp).replace(output)
+    except OSError as exc:
+        raise FlextContextError(f"cannot write {output}: {exc.strerror}") from exc
+    click.echo(f"wrote {output}", err=True)

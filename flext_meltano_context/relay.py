@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq
 from typing import Any
 
 import msgspec
@@ -85,7 +85,7 @@ class RelayStats:
     anomalies: tuple[Anomaly, ...]  # the first MAX_ANOMALIES
     anomaly_count: int
     states_seen: int
-    last_state: Any | None  # decoded `value` of the last STATE forwarded (as forwarded)
+    last_state: Any  # decoded `value` of the last STATE forwarded (as forwarded); None if none
     digest: str | None  # sha256 hex of the bytes the sink received
     started_at: float
     first_byte_at: float | None
@@ -229,7 +229,7 @@ class _Tally:
             sizes = list(map(len, lines))
             streams = list(map(_stream_of, heads))
             for name in names:
-                picked = list(compress(sizes, map(name.__eq__, streams)))
+                picked = list(compress(sizes, map(eq, repeat(name), streams)))
                 self.stream_bytes[name] += sum(picked) + len(picked)
         return None
 
