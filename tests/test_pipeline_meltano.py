@@ -77,8 +77,8 @@ plugins:
     return root
 
 
-def meltano(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def meltano(root: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
     env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
     return subprocess.run(
         [str(BIN / "meltano"), *args],
@@ -180,3 +180,21 @@ def test_stored_state_for_a_tap_without_the_state_capability_exits_2(tmp_path: P
     assert done.returncode == 2, done.stderr
     assert "'state' capability" in done.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_without_the_state_server_meltano_commands_do_the_same_job(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    for _ in range(2):
+        done = meltano(
+            root,
+            "invoke",
+            "flext-context",
+            "run",
+            "tap-counter",
+            "target-collect",
+            FLEXT_CONTEXT_MELTANO_SERVER="false",
+        )
+        assert done.returncode == 0, done.stderr
+    state = stored_state(root, "dev:tap-counter-to-target-collect")["singer_state"]
+    assert state["bookmarks"] == {"users": {"id": 20}}
+    assert events(tmp_path, "state_loaded")[0]["data"]["written_by_run_id"] is not None
