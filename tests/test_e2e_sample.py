@@ -279,6 +279,10 @@ def test_every_child_sees_the_same_correlation_id(probe_project: Path, tmp_path:
         assert start["env"]["MELTANO_RUN_ID"] == run_id, role
         assert start["env"]["DBT_ENV_CUSTOM_ENV_FLEXT_CORRELATION_ID"] == correlation_id, role
         assert start["env"]["TRACEPARENT"].split("-")[1] == correlation_id.replace("-", ""), role
+        openlineage = json.loads(start["env"]["OPENLINEAGE_CONTEXT"])
+        assert openlineage["parent"]["root"]["run"]["runId"] == run_id, role
+    phases = {role: start["env"]["FLEXT_PHASE"] for role, (start,) in seen.items()}
+    assert phases == {"tap": "extract", "target": "load", "dbt": "transform"}
     assert event(run, "run_completed")["records"] == 3
 
 
