@@ -372,7 +372,6 @@ def _prepare_meltano(
         sid = state.state_id(environment, spec.tap, spec.target, suffix)
     sys_dir = Path(env.get("MELTANO_SYS_DIR_ROOT") or root / ".meltano")
     workdir = sys_dir / "flext-context" / "runs" / identity.run_id
-    workdir.mkdir(parents=True, exist_ok=True)
     lock = None
     if sid is not None:
         lock = state.StateLock(sys_dir / "flext-context" / "locks", sid)
@@ -380,6 +379,7 @@ def _prepare_meltano(
             run_id=identity.run_id, correlation_id=identity.correlation_id, force=spec.force
         )
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
         return _preflight_meltano(spec, meltano, sid, workdir, lock, use_server)
     except BaseException:
         if lock is not None:

@@ -25,7 +25,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.interval = 0.25 if self.tty else 10.0
-        self._next = 0.0
+        # The first line after one interval: short runs end with the summary alone.
+        self._next = time.monotonic() + (0.0 if self.tty else self.interval)
         self._drawn = False
         self._log = structlog.get_logger("flext_meltano_context.progress")
 

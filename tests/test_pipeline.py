@@ -359,3 +359,43 @@ def test_a_second_signal_stops_everything_at_once(tmp_path: Path) -> None:
 
 def test_aborted_error_carries_the_shell_exit_code() -> None:
     assert AbortedError(signal.SIGTERM, "x").exit_code == 143
+
+
+def meltano_env(tmp_path: Path, path: str) -> dict[str, str]:
+    root = tmp_path / "project"
+    (root / ".meltano").mkdir(parents=True)
+    return {
+        **os.environ,
+        "MELTANO_PROJECT_ROOT": str(root),
+        "MELTANO_SYS_DIR_ROOT": str(root / ".meltano"),
+        "MELTANO_ENVIRONMENT": "dev",
+        "PATH": path,
+    }
+
+
+def test_meltano_not_found_is_a_usage_error_naming_what_to_do(tmp_path: Path) -> None:
+    env = meltano_env(tmp_path, str(tmp_path / "empty-bin"))
+    settings = Settings(lineage_path=tmp_path / "l.jsonl")
+    with pytest.raises(UsageError, match="Meltano was not found"):
+        execute(PipelineSpec(tap="tap-x", target="target-y"), environ=env, settings=settings)
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_a_held_state_lock_stops_a_meltano_run_before_anything_starts(tmp_path: Path) -> None:
+    from flext_meltano_context.errors import LockedError
+    from flext_meltano_context.state import StateLock
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    never = bin_dir / "meltano"
+    never.write_text(f"#!/bin/sh\ntouch {tmp_path / 'meltano-ran'}\nexit 1\n")
+    never.chmod(0o755)
+    env = meltano_env(tmp_path, str(bin_dir))
+    locks = tmp_path / "project" / ".meltano" / "flext-context" / "locks"
+    holder = StateLock(locks, "dev:tap-x-to-target-y")
+    holder.acquire(run_id="the-other-run", correlation_id="c")
+    settings = Settings(lineage_path=tmp_path / "l.jsonl")
+    with pytest.raises(LockedError, match="the-other-run"):
+        execute(PipelineSpec(tap="tap-x", target="target-y"), environ=env, settings=settings)
+    holder.release()
+    assert not (tmp_path / "meltano-ran").exists()
