@@ -123,7 +123,7 @@ def run(
     import shlex
 
     from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.pipeline import PipelineSpec, execute
+    from flext_meltano_context.pipeline import PipelineSpec, execute, step_name
     from flext_meltano_context.progress import Progress, summary
 
     standalone = tap_cmd is not None or target_cmd is not None
@@ -140,8 +140,8 @@ def run(
         if not tap_argv or not target_argv:
             raise UsageError("--tap-cmd and --target-cmd must not be empty")
         spec = PipelineSpec(
-            tap=Path(tap_argv[0]).name,
-            target=Path(target_argv[0]).name,
+            tap=step_name(tap_argv),
+            target=step_name(target_argv),
             tap_cmd=tuple(tap_argv),
             target_cmd=tuple(target_argv),
             transform_cmds=transforms,

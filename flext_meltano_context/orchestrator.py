@@ -50,7 +50,7 @@ class FlextMeltanoETLOrchestrator:
 
     def execute_pipeline(self, config: Mapping[str, Any]) -> PipelineResult:
         """Run the pipeline `config` describes; failures come back in the result, not raised."""
-        from flext_meltano_context.pipeline import PipelineSpec, execute
+        from flext_meltano_context.pipeline import PipelineSpec, execute, step_name
 
         try:
             environ = dict(config.get("environ") or os.environ)
@@ -73,8 +73,8 @@ class FlextMeltanoETLOrchestrator:
                 if not tap or not target:
                     raise UsageError("config['tap'] and config['target'] must not be empty")
                 spec = PipelineSpec(
-                    tap=Path(tap[0]).name,
-                    target=Path(target[0]).name,
+                    tap=step_name(tap),
+                    target=step_name(target),
                     tap_cmd=tap,
                     target_cmd=target,
                     transform_cmds=tuple(
