@@ -8,6 +8,7 @@ the source. Bad lines are forwarded and reported, never filtered (issue 3).
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import hashlib
@@ -142,7 +143,7 @@ class RelayProgress:
 
 
 class _Strict(Exception):  # noqa: N818 - internal signal, never escapes this module
-    """The first anomalous line in strict mode: forward `keep` bytes of the region, then stop."""
+    """The first anomalous line in strict mode: forward the `keep` lines before it, then stop."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -178,20 +179,30 @@ class _Tally:
                 self.state_context = dict(self.injection.state_context)
             self.column_cell = msgspec.json.encode(self.injection.correlation_id)
 
-    def feed(self, region: bytes | bytearray, now: float, rewrite: bool) -> list[Buf] | None:
-        """Count a region of whole lines (the last may lack its newline only at end of input).
+    def feed(
+        self,
+        lines: list[Buf],
+        ended: bool,
+        size: int,
+        now: float,
+        rewrite: bool,
+        chunk: bytes = b"",
+        rest: int = 0,
+    ) -> list[Buf] | None:
+        """Count whole lines (`size` bytes; the last lacks its newline only at end of input).
 
-        Returns the region's lines as the sink must get them when an injection changed any of
-        them (joined with newlines by the caller), else None: forward the region as it is.
+        `chunk[rest:]` holds all lines but the first, still as read (for one UTF-8 check).
+        Returns the lines as the sink must get them when an injection changed any of them,
+        else None: forward them as they are.
         """
-        lines = region.split(b"\n")
-        ended = not lines[-1]
-        if ended:
-            lines.pop()
         try:
             heads = list(map(singer.HEAD.decode, lines))
-            if not region.isascii():
-                region.decode("utf-8")
+            # msgspec skips the record without checking its UTF-8: check it here, in one call.
+            if not lines[0].isascii():
+                lines[0].decode("utf-8")
+            if len(lines) > 1 and not chunk.isascii():
+                # final=False: a character cut by the chunk's end belongs to the next line.
+                codecs.utf_8_decode(memoryview(chunk)[rest:], "strict", False)
         except _DECODE_ERRORS:
             return self._one_by_one(lines, None, now, rewrite, ended)
         kinds = Counter(heads)
@@ -206,7 +217,7 @@ class _Tally:
             return self._one_by_one(lines, heads, now, rewrite, ended)
         # The fast path: only RECORDs of known streams and STATEs, counted in C loops.
         self.lines += len(lines)
-        self.nbytes += len(region)
+        self.nbytes += size
         states = 0
         for head, n in kinds.items():
             self.types[head.type] += n
@@ -224,7 +235,7 @@ class _Tally:
                 state_bytes += len(lines[i]) + 1
                 self._state(lines[i])
         if len(names) == 1:
-            self.stream_bytes[names.pop()] += len(region) - state_bytes
+            self.stream_bytes[names.pop()] += size - state_bytes
         elif names:
             sizes = list(map(len, lines))
             streams = list(map(_stream_of, heads))
@@ -250,7 +261,6 @@ class _Tally:
         """The exact path: one line at a time, in order (schemas, anomalies, injections)."""
         out: list[Buf] | None = [] if rewrite else None
         changed = False
-        kept = 0  # bytes of this region already accounted for (strict mode forwards them)
         last = len(lines) - 1
         for i, line in enumerate(lines):
             if heads is not None:
@@ -266,11 +276,10 @@ class _Tally:
             if anomaly is not None:
                 self._anomaly(anomaly, line, stream)
                 if self.strict:
-                    raise _Strict(kept)
+                    raise _Strict(i)
             size = len(line) + (1 if ended or i < last else 0)  # the input's last may lack \n
             self.lines += 1
             self.nbytes += size
-            kept += size
             forwarded = line
             if kind is not None:
                 self.types[kind] += 1
@@ -420,6 +429,7 @@ def relay(
     passthrough = not strict and injection is None
     first_byte_at: float | None = None
     tail = bytearray()  # the partial last line, carried to the next chunk
+    lines: list[Buf]
     sent = 0
     closed_early = False
     stopped: _Strict | None = None
@@ -434,30 +444,31 @@ def relay(
             if passthrough and data:
                 sent += _write_all(sink, data, hasher)
             if data:
-                end = data.rfind(b"\n")
-                if end < 0:
-                    tail += data
+                lines = list(data.split(b"\n"))
+                if len(lines) == 1:
+                    tail += data  # a long line: memory grows with the line, not the stream
                     continue
-                region: bytes | bytearray
+                rest = len(lines[0]) + 1
+                size = len(data) - len(lines[-1]) + len(tail)
                 if tail:
-                    tail += data[: end + 1]
-                    region, tail = tail, bytearray(data[end + 1 :])
-                else:
-                    region = data if end == len(data) - 1 else data[: end + 1]
-                    tail = bytearray(data[end + 1 :])
+                    tail += lines[0]
+                    lines[0] = tail
+                tail = bytearray(lines.pop())
+                ended = True
             elif tail:
-                region, tail = tail, bytearray()
+                lines, size, rest, ended = [tail], len(tail), 0, False
+                tail = bytearray()
             else:
                 break
             try:
-                lines = tally.feed(region, now, rewrite=injection is not None)
+                out = tally.feed(lines, ended, size, now, injection is not None, data, rest)
             except _Strict as stop:
                 stopped = stop
-                sent += _write_all(sink, region[: stop.keep], hasher)
+                if stop.keep:
+                    sent += _write_all(sink, _joined(lines[: stop.keep], True), hasher)
                 break
             if not passthrough:
-                out = region if lines is None else _joined(lines, region)
-                sent += _write_all(sink, out, hasher)
+                sent += _write_all(sink, _joined(lines if out is None else out, ended), hasher)
             if progress is not None:
                 clock = time.monotonic()
                 if clock >= next_progress:
@@ -498,9 +509,9 @@ def relay(
     return stats
 
 
-def _joined(lines: list[Buf], region: Buf) -> bytes:
+def _joined(lines: Sequence[Buf], ended: bool) -> bytes:
     body = b"\n".join(lines)
-    return body + b"\n" if region.endswith(b"\n") else body
+    return body + b"\n" if ended else body
 
 
 def _write_all(fd: int, data: bytes | bytearray, hasher: Any) -> int:
