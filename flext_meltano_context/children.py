@@ -74,6 +74,22 @@ class Metrics:
             }
 
 
+def _debug_echo(name: str) -> Callable[[str], None] | None:
+    """Each stderr line as a debug event when debug logging is on (`--log-level DEBUG`)."""
+    import logging
+
+    import structlog
+
+    log = structlog.get_logger("flext_meltano_context.children")
+    if not log.is_enabled_for(logging.DEBUG):
+        return None
+
+    def echo(line: str) -> None:
+        log.debug("plugin_stderr", plugin=name, line=line[:2000])
+
+    return echo
+
+
 @dataclass(frozen=True, slots=True)
 class Exit:
     """How a child ended."""
@@ -102,7 +118,7 @@ class Child:
         self.name = name
         self.metrics = Metrics()
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._on_line = on_stderr_line
+        self._on_line = on_stderr_line or _debug_echo(name)
         self.signalled: int | None = None
         self.started_at = time.time()
         try:
