@@ -16,7 +16,8 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, eq
@@ -32,7 +33,6 @@ MAX_ANOMALIES = 100
 PIPE_SIZE = 1 << 20
 _EXCERPT = 80
 _stream_of = attrgetter("stream")
-_STATE = singer.Head("STATE")
 Buf = bytes | bytearray  # a region is a bytearray when it grew across chunks (long lines)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 
@@ -196,55 +196,59 @@ class _Tally:
         else None: forward them as they are.
         """
         try:
-            heads = list(map(singer.HEAD.decode, lines))
-            # msgspec skips the record without checking its UTF-8: check it here, in one call.
-            if not lines[0].isascii():
-                lines[0].decode("utf-8")
-            if len(lines) > 1 and not chunk.isascii():
-                # final=False: a character cut by the chunk's end belongs to the next line.
-                codecs.utf_8_decode(memoryview(chunk)[rest:], "strict", False)
-        except _DECODE_ERRORS:
+            # The common case in one C loop: every line a RECORD with a stream, or a STATE.
+            streams = list(map(_stream_of, map(singer.RECORD_OR_STATE.decode, lines)))
+            _check_utf8(lines[0], chunk, rest)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return self._one_by_one(lines, self._heads(lines, chunk, rest), now, rewrite, ended)
+        except UnicodeDecodeError:
             return self._one_by_one(lines, None, now, rewrite, ended)
-        kinds = Counter(heads)
-        special = not ended
-        names: set[str] = set()
-        for head in kinds:
-            if head.type == "RECORD" and head.stream in self.schemas:
-                names.add(head.stream)
-            elif head.type != "STATE" or head.stream is not None:
-                special = True
-        if special or (rewrite and self._rewrites(names, _STATE in kinds)):
+        kinds = Counter(streams)
+        states = kinds.pop(None, 0)
+        names = kinds.keys()
+        if (
+            not ended
+            or not names <= self.schemas.keys()
+            or (rewrite and self._rewrites(names, states > 0))
+        ):
+            heads = list(map(singer.HEAD.decode, lines))
             return self._one_by_one(lines, heads, now, rewrite, ended)
         # The fast path: only RECORDs of known streams and STATEs, counted in C loops.
         self.lines += len(lines)
         self.nbytes += size
-        states = 0
-        for head, n in kinds.items():
-            self.types[head.type] += n
-            if head.stream is None:
-                states += n
-            else:
-                self.streams[head.stream]["RECORD"] += n
-                self.first_record.setdefault(head.stream, now)
-                self.last_record[head.stream] = now
+        for name, n in kinds.items():
+            self.streams[name]["RECORD"] += n
+            self.first_record.setdefault(name, now)
+            self.last_record[name] = now
+        self.types["RECORD"] += len(lines) - states
         state_bytes = 0
         if states:
+            self.types["STATE"] += states
             i = -1
             for _ in range(states):
-                i = heads.index(_STATE, i + 1)
+                i = streams.index(None, i + 1)
                 state_bytes += len(lines[i]) + 1
                 self._state(lines[i])
-        if len(names) == 1:
-            self.stream_bytes[names.pop()] += size - state_bytes
-        elif names:
+        if len(kinds) == 1:
+            self.stream_bytes[next(iter(kinds))] += size - state_bytes
+        elif kinds:
             sizes = list(map(len, lines))
-            streams = list(map(_stream_of, heads))
-            for name in names:
+            for name in kinds:
                 picked = list(compress(sizes, map(eq, repeat(name), streams)))
                 self.stream_bytes[name] += sum(picked) + len(picked)
         return None
 
-    def _rewrites(self, names: set[str], has_state: bool) -> bool:
+    @staticmethod
+    def _heads(lines: Sequence[Buf], chunk: bytes, rest: int) -> list[singer.Head] | None:
+        """`type` and `stream` of every line, or None if some line needs the exact path."""
+        try:
+            heads = list(map(singer.HEAD.decode, lines))
+            _check_utf8(lines[0], chunk, rest)
+        except _DECODE_ERRORS:
+            return None
+        return heads
+
+    def _rewrites(self, names: Iterable[str], has_state: bool) -> bool:
         """Whether the injection changes some line of a fast-path region."""
         if has_state and self.state_context is not None:
             return True
@@ -424,7 +428,7 @@ def relay(
     began = time.monotonic()
     next_progress = began + progress_interval
     tally = _Tally(strict=strict, injection=injection)
-    hasher = hashlib.sha256() if digest else None
+    hasher = _Digest() if digest else None
     # Without strict mode nor injection each chunk goes out before it is looked at.
     passthrough = not strict and injection is None
     first_byte_at: float | None = None
@@ -486,7 +490,7 @@ def relay(
         if close_sink:
             _close(sink)
     stats = tally.stats(
-        digest=hasher.hexdigest() if hasher is not None else None,
+        digest=hasher.hexdigest() if hasher is not None else None,  # waits for the thread
         started_at=started_at,
         first_byte_at=first_byte_at,
         ended_at=time.time(),
@@ -509,12 +513,49 @@ def relay(
     return stats
 
 
+def _check_utf8(first: Buf, chunk: bytes, rest: int) -> None:
+    """Raise UnicodeDecodeError unless the lines are UTF-8: msgspec skips records unchecked.
+
+    `first` is the chunk's first line (completed with the carried tail); `chunk[rest:]` holds
+    the other lines as read, checked in one call.
+    """
+    if not first.isascii():
+        first.decode("utf-8")
+    if rest < len(chunk) and not chunk.isascii():
+        # final=False: a character cut by the chunk's end belongs to the next chunk's first line.
+        codecs.utf_8_decode(memoryview(chunk)[rest:], "strict", False)
+
+
 def _joined(lines: Sequence[Buf], ended: bool) -> bytes:
     body = b"\n".join(lines)
     return body + b"\n" if ended else body
 
 
-def _write_all(fd: int, data: bytes | bytearray, hasher: Any) -> int:
+class _Digest:
+    """A running sha256 computed on a second thread while the relay decodes the next chunk.
+
+    hashlib releases the GIL on large buffers, so on a machine with a spare core the digest costs
+    little wall time. At most one chunk waits, so memory stays flat.
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flext-digest")
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._hash.update, data)
+
+    def hexdigest(self) -> str:
+        if self._pending is not None:
+            self._pending.result()
+        self._pool.shutdown()
+        return self._hash.hexdigest()
+
+
+def _write_all(fd: int, data: bytes, hasher: _Digest | None) -> int:
     """Write every byte (pipes may take less than asked); the digest sees what was accepted."""
     view = memoryview(data)
     total = len(view)
@@ -524,7 +565,7 @@ def _write_all(fd: int, data: bytes | bytearray, hasher: Any) -> int:
             done += os.write(fd, view[done:])
     finally:
         if hasher is not None:
-            hasher.update(view[:done])
+            hasher.update(data if done == total else bytes(view[:done]))
         view.release()
     return done
 

@@ -27,6 +27,14 @@ class Head(msgspec.Struct, frozen=True, gc=False):
     stream: str | None = None
 
 
+class _Record(msgspec.Struct, tag="RECORD", tag_field="type", gc=False):
+    stream: str
+
+
+class _State(msgspec.Struct, tag="STATE", tag_field="type", gc=False):
+    stream: None = None  # a STATE naming a stream is unusual: take the exact path
+
+
 class _Body(msgspec.Struct, gc=False):
     """SCHEMA and STATE lines: the parts kept for lineage and state, still as raw JSON."""
 
@@ -38,6 +46,8 @@ class _Body(msgspec.Struct, gc=False):
 
 
 HEAD = msgspec.json.Decoder(Head)
+# The hot path: a line decodes here only if it is a RECORD with a stream or a plain STATE.
+RECORD_OR_STATE = msgspec.json.Decoder(_Record | _State)
 _BODY = msgspec.json.Decoder(_Body)
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENCODE = msgspec.json.Encoder().encode
