@@ -827,10 +827,14 @@ def _run(
             aborted, el_ok = True, False
 
     if aborted and stopper.signum is not None:
-        kept = persister.persisted if persister is not None else 0
+        if persister is not None and persister.persisted:
+            kept = f"the last of {persister.confirmed} confirmed state(s) is stored"
+        elif persister is not None:
+            kept = "the target confirmed no state; the stored state is untouched"
+        else:
+            kept = "no state is kept for this run"
         error = AbortedError(
-            stopper.signum,
-            f"stopped by {signal.Signals(stopper.signum).name}; {kept} confirmed state(s) kept",
+            stopper.signum, f"stopped by {signal.Signals(stopper.signum).name}; {kept}"
         )
     ended = time.time()
     status = "aborted" if aborted else ("failed" if error is not None else "success")
