@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,11 @@ def project(tmp_path: Path, *, tap_capabilities: str = "[catalog, discover, stat
     target = wrapper(bin_dir / "target-collect", "target_collect.py", str(out))
     failing = wrapper(bin_dir / "target-broken", "target_collect.py", str(out), "--exit-after", "2")
     probe = wrapper(bin_dir / "probe", "probe_env.py")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    hang = wrapper(
+        bin_dir / "tap-hang", "tap_counter.py", "--records", "8", "--hang", "--pid-dir", str(pids)
+    )
     (root / "meltano.yml").write_text(
         f"""
 default_environment: dev
@@ -51,6 +57,10 @@ plugins:
     capabilities: {tap_capabilities}
     config:
       records: 10
+  - name: tap-hang
+    namespace: tap_hang
+    executable: {hang}
+    capabilities: {tap_capabilities}
   loaders:
   - name: target-collect
     namespace: target_collect
@@ -198,3 +208,28 @@ def test_without_the_state_server_meltano_commands_do_the_same_job(tmp_path: Pat
     state = stored_state(root, "dev:tap-counter-to-target-collect")["singer_state"]
     assert state["bookmarks"] == {"users": {"id": 20}}
     assert events(tmp_path, "state_loaded")[0]["data"]["written_by_run_id"] is not None
+
+
+def test_sigterm_under_meltano_stops_gracefully_keeps_state_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    from tests.test_pipeline import assert_no_orphans, wait_for
+
+    root = project(tmp_path)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [str(BIN / "meltano"), "invoke", "flext-context", "run", "tap-hang", "target-collect"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(tmp_path / "out.jsonl", 8)
+    proc.send_signal(signal.SIGTERM)
+    _out, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    state = stored_state(root, "dev:tap-hang-to-target-collect")["singer_state"]
+    assert state["bookmarks"] == {"users": {"id": 8}}
+    assert events(tmp_path, "run_completed")[-1]["data"]["status"] == "aborted"
+    assert_no_orphans(tmp_path / "pids")
