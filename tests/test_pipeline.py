@@ -399,3 +399,38 @@ def test_a_held_state_lock_stops_a_meltano_run_before_anything_starts(tmp_path: 
         execute(PipelineSpec(tap="tap-x", target="target-y"), environ=env, settings=settings)
     holder.release()
     assert not (tmp_path / "meltano-ran").exists()
+
+
+def test_record_column_setting_adds_the_correlation_id_to_each_record(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    settings = Settings(lineage_path=tmp_path / "l.jsonl", record_column_streams=frozenset({"*"}))
+    result = execute(
+        spec(fake("tap_counter.py", "--records", "3"), fake("target_collect.py", str(out))),
+        environ=dict(os.environ),
+        settings=settings,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["_sdc_correlation_id"] for row in rows} == {result.correlation_id}
+
+
+def test_strict_mode_stops_at_a_bad_line_and_fails_the_run(tmp_path: Path) -> None:
+    from flext_meltano_context.errors import StrictModeError
+
+    out, pids = tmp_path / "out.jsonl", tmp_path / "pids"
+    pids.mkdir()
+    settings = Settings(lineage_path=tmp_path / "l.jsonl", strict=True, grace_seconds=3)
+    result = execute(
+        spec(
+            fake(
+                "tap_counter.py", "--records", "50", "--garbage-after", "2", "--pid-dir", str(pids)
+            ),
+            fake("target_collect.py", str(out)),
+        ),
+        environ=dict(os.environ),
+        settings=settings,
+    )
+    assert isinstance(result.error, StrictModeError)
+    assert result.exit_code == 1
+    assert len(out.read_text().splitlines()) == 2
+    assert result.phases[0].status == "failed"
+    assert_no_orphans(pids)

@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=10)
     parser.add_argument("--fail-after", type=int, default=None)
     parser.add_argument("--hang", action="store_true", help="after the records, wait for SIGTERM")
+    parser.add_argument("--garbage-after", type=int, default=None, help="a non-JSON line")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--pid-dir", type=Path, default=None)
     parser.add_argument("--grandchild", action="store_true")
@@ -74,6 +75,8 @@ def main() -> int:
             print("tap_counter: boom: the source went away", file=sys.stderr)
             return 3
         emit({"type": "RECORD", "stream": "users", "record": {"id": n}})
+        if args.garbage_after is not None and n - start == args.garbage_after:
+            sys.stdout.write("this is not JSON\n")
         last = n
         if n % 5 == 0:
             emit({"type": "STATE", "value": {"bookmarks": {"users": {"id": n}}}})
