@@ -37,6 +37,7 @@ from flext_meltano_context.errors import (
 
 if TYPE_CHECKING:
     from flext_meltano_context.children import Exit
+    from flext_meltano_context.dbt import DbtPhase
     from flext_meltano_context.lineage.recorder import Recorder
     from flext_meltano_context.relay import RelayProgress, RelayStats
     from taps_wrapper.tap import Tap
@@ -517,6 +518,12 @@ def _run(
     )
     for phase in phases:
         recorder.record("phase_completed", phase.event_data())
+    from flext_meltano_context import dbt
+
+    warehouse = dbt.target_warehouse(
+        target_name, prepared.target_argv, prepared.meltano if prepared.transform_argvs else None
+    )
+    datasets = dbt.stream_datasets(warehouse, stats.streams if stats is not None else ())
     if stats is not None:
         for stream in stats.streams.values():
             recorder.record(
@@ -530,6 +537,7 @@ def _run(
                     "schema": _schema_summary(stream.schema, getattr(stream, "key_properties", ())),
                     "tap_metrics": tap.child.metrics.for_stream(stream.name),
                     "target_metrics": target.child.metrics.for_stream(stream.name),
+                    **datasets.get(stream.name, {}),  # dataset names as dbt-ol gives them
                 },
             )
         if stats.anomaly_count:
@@ -560,6 +568,14 @@ def _run(
         )
 
     el_ok = error is None and not aborted
+    dbt_phase = dbt.DbtPhase(
+        conf.lineage_path.parent / "dbt",
+        run_id=identity.run_id,
+        correlation_id=identity.correlation_id,
+        warehouse=warehouse,
+        streams=stats.streams if stats is not None else (),
+        dbt_path=env.get("DBT_DUCKDB_PATH"),
+    )
     for block, argv in prepared.transform_argvs:
         if not el_ok:
             skipped = PhaseResult(block, block.split(":", 1)[0], phase_ids[block], "skipped")
@@ -567,7 +583,7 @@ def _run(
             recorder.record("phase_completed", skipped.event_data())
             continue
         result, block_error = _run_block(
-            block, argv, env, identity, phase_ids[block], prepared.cwd, recorder, stopper
+            block, argv, env, identity, phase_ids[block], prepared.cwd, recorder, stopper, dbt_phase
         )
         phases.append(result)
         recorder.record("phase_completed", result.event_data())
@@ -666,13 +682,19 @@ def _run_block(
     cwd: str | None,
     recorder: Recorder,
     stopper: _Stopper,
+    dbt_phase: DbtPhase | None = None,
 ) -> tuple[PhaseResult, FlextContextError | None]:
     """Run one transformer block with the run's context; its stdout goes to our stderr."""
     from flext_meltano_context.children import Child
+    from flext_meltano_context.dbt import DbtFailedError, DbtPhase
 
     child_env = runenv.child_environ(
         env, runenv.phase_env(identity, phase=block, kind="transform", phase_run_id=phase_run_id)
     )
+    artifacts = None
+    if dbt_phase is not None:  # its own artifact directory, read back after it exits (issue 6)
+        argv, overlay, artifacts = dbt_phase.prepare(block, argv)
+        child_env.update(overlay)
     plugin = block.split(":", 1)[0]
     child = Child(block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=cwd)
     _phase_started(recorder, block, plugin, phase_run_id, child.started_at)
@@ -687,6 +709,9 @@ def _run_block(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     failed = exit_.returncode != 0
     status = "aborted" if stopper.signum is not None else "failed" if failed else "success"
+    found = None
+    if dbt_phase is not None and artifacts is not None:
+        found = dbt_phase.finish(block, artifacts, exit_.returncode, recorder)
     result = PhaseResult(
         block,
         plugin,
@@ -696,9 +721,11 @@ def _run_block(
         exit_.ended_at,
         exit_.returncode,
         exit_.stderr_tail,
-        child.metrics.to_dict(),
+        {**child.metrics.to_dict(), **(DbtPhase.metrics(found) if found else {})},
     )
     error = StepError(block, exit_.returncode, exit_.stderr_tail) if failed else None
+    if failed and found is not None and found.failed_nodes:
+        error = DbtFailedError(block, exit_.returncode, exit_.stderr_tail, found.failed_nodes)
     return result, error
 
 
