@@ -188,7 +188,7 @@ class _Tally:
         rewrite: bool,
         chunk: bytes = b"",
         rest: int = 0,
-    ) -> list[Buf] | None:
+    ) -> Sequence[Buf] | None:
         """Count whole lines (`size` bytes; the last lacks its newline only at end of input).
 
         `chunk[rest:]` holds all lines but the first, still as read (for one UTF-8 check).
@@ -206,13 +206,23 @@ class _Tally:
         kinds = Counter(streams)
         states = kinds.pop(None, 0)
         names = kinds.keys()
-        if (
-            not ended
-            or not names <= self.schemas.keys()
-            or (rewrite and self._rewrites(names, states > 0))
-        ):
-            heads = list(map(singer.HEAD.decode, lines))
-            return self._one_by_one(lines, heads, now, rewrite, ended)
+        if not ended or not names <= self.schemas.keys():
+            return self._one_by_one(lines, self._heads(lines, b"", 0), now, rewrite, ended)
+        state_at: list[int] = []
+        i = -1
+        for _ in range(states):
+            i = streams.index(None, i + 1)
+            state_at.append(i)
+        forwarded: Sequence[Buf] = lines
+        out = None
+        if rewrite and self._rewrites(names, states > 0):
+            if states and self.state_context is not None:
+                forwarded = list(lines)
+                for i in state_at:
+                    forwarded[i] = self._patched_state(lines[i])
+            out = self._spliced(forwarded, kinds) if names & self.column_streams else forwarded
+            if out is None:
+                return self._one_by_one(lines, self._heads(lines, b"", 0), now, rewrite, ended)
         # The fast path: only RECORDs of known streams and STATEs, counted in C loops.
         self.lines += len(lines)
         self.nbytes += size
@@ -220,15 +230,14 @@ class _Tally:
             self.streams[name]["RECORD"] += n
             self.first_record.setdefault(name, now)
             self.last_record[name] = now
-        self.types["RECORD"] += len(lines) - states
+        if kinds:
+            self.types["RECORD"] += len(lines) - states
         state_bytes = 0
         if states:
             self.types["STATE"] += states
-            i = -1
-            for _ in range(states):
-                i = streams.index(None, i + 1)
+            for i in state_at:
                 state_bytes += len(lines[i]) + 1
-                self._state(lines[i])
+                self._saw_state(forwarded[i])
         if len(kinds) == 1:
             self.stream_bytes[next(iter(kinds))] += size - state_bytes
         elif kinds:
@@ -236,7 +245,35 @@ class _Tally:
             for name in kinds:
                 picked = list(compress(sizes, map(eq, repeat(name), streams)))
                 self.stream_bytes[name] += sum(picked) + len(picked)
-        return None
+        return out
+
+    def _spliced(self, lines: Sequence[Buf], kinds: Counter[str]) -> Sequence[Buf] | None:
+        """The column added to every RECORD of the chunk by a few whole-chunk replaces.
+
+        Exact, or None (take the line-by-line path): anchored at line starts (a newline never
+        occurs inside a JSON line), used only when every RECORD of a column stream starts with
+        the prefix singer-sdk or singer-python writes, followed by a property or `}`.
+        """
+        body = b"\n" + b"\n".join(lines)
+        if singer.COLUMN_KEY in body:
+            return None
+        cell = singer.COLUMN_KEY + b":" + self.column_cell
+        for name in kinds.keys() & self.column_streams:
+            found = 0
+            for prefix in self.prefixes[name]:
+                start = b"\n" + prefix
+                full = body.count(start + b'"')
+                empty = 0 if found + full == kinds[name] else body.count(start + b"}")
+                if full + empty:
+                    body = body.replace(start, start + cell + b",")
+                    if empty:
+                        body = body.replace(start + cell + b",}", start + cell + b"}")
+                found += full + empty
+                if found == kinds[name]:
+                    break
+            if found != kinds[name]:
+                return None
+        return [body[1:]]
 
     @staticmethod
     def _heads(lines: Sequence[Buf], chunk: bytes, rest: int) -> list[singer.Head] | None:
@@ -336,13 +373,19 @@ class _Tally:
         return forwarded
 
     def _state(self, line: Buf) -> Buf:
-        self.states_seen += 1
-        forwarded = line
-        if self.state_context is not None:
-            context = self.state_context
-            forwarded = self._with_ending(line, lambda ln: singer.merge_state_context(ln, context))
-        self.last_state = singer.state_value(forwarded)
+        forwarded = self._patched_state(line)
+        self._saw_state(forwarded)
         return forwarded
+
+    def _patched_state(self, line: Buf) -> Buf:
+        context = self.state_context
+        if context is None:
+            return line
+        return self._with_ending(line, lambda ln: singer.merge_state_context(ln, context))
+
+    def _saw_state(self, forwarded: Buf) -> None:
+        self.states_seen += 1
+        self.last_state = singer.state_value(forwarded)
 
     def _record(self, line: Buf, stream: str) -> Buf:
         prefixes, cell = self.prefixes[stream], self.column_cell
@@ -417,8 +460,12 @@ def relay(
     progress_interval: float = 0.25,
     chunk_size: int = 1 << 20,
     close_sink: bool = True,
+    on_lines: Callable[[list[Buf]], None] | None = None,
 ) -> RelayStats:
     """Copy `source` to `sink` until end of input, counting every Singer message.
+
+    `on_lines` (optional, e.g. the landing check's key collector) sees each region of whole
+    lines once they are counted; without it the hot path is unchanged.
 
     The sink closing early (the target died) ends the relay at once with
     `sink_closed_early=True`; what to do with the source is the caller's decision. In strict
@@ -471,6 +518,8 @@ def relay(
                 if stop.keep:
                     sent += _write_all(sink, _joined(lines[: stop.keep], True), hasher)
                 break
+            if on_lines is not None:
+                on_lines(lines)
             if not passthrough:
                 sent += _write_all(sink, _joined(lines if out is None else out, ended), hasher)
             if progress is not None:

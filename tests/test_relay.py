@@ -520,3 +520,31 @@ def test_relay_command_has_help() -> None:
 
 def lines_of(data: bytes) -> Iterator[bytes]:
     yield from data.splitlines()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(singer_streams(), st.sampled_from([1, 50, 333, 1 << 20]))
+def test_injection_on_generated_streams_changes_only_what_it_must(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk: int
+) -> None:
+    injection = Injection("c-1", {"correlation_id": "c-1"}, frozenset({"*"}))
+    stats, out = relay_bytes(
+        tmp_path_factory.mktemp("r"), data, injection=injection, chunk_size=chunk
+    )
+    before, after = data.splitlines(), out.splitlines()
+    assert len(after) == len(before)
+    assert out.endswith(b"\n") == data.endswith(b"\n")
+    for old_line, new_line in zip(before, after, strict=True):
+        old, new = json.loads(old_line), json.loads(new_line)
+        if old["type"] == "RECORD" and isinstance(old["record"], dict):
+            assert new == {**old, "record": {**old["record"], "_sdc_correlation_id": "c-1"}}
+            assert new_line.endswith(b"\r") == old_line.endswith(b"\r")
+        elif old["type"] == "SCHEMA":
+            old["schema"]["properties"]["_sdc_correlation_id"] = {"type": ["string", "null"]}
+            assert new == old
+        elif old["type"] == "STATE" and isinstance(old["value"], dict):
+            context = {"flext_context": {"correlation_id": "c-1"}}
+            assert new == {**old, "value": {**old["value"], **context}}
+        else:
+            assert new_line == old_line
+    assert stats.counts == reference_counts(data)[0]
