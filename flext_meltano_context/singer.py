@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 COLUMN = "_sdc_correlation_id"
+COLUMN_KEY = b'"_sdc_correlation_id"'
 COLUMN_SCHEMA = msgspec.Raw(b'{"type":["string","null"]}')
 STATE_KEY = "flext_context"
 # Types that name a stream; a line of these without a string `stream` is an anomaly.
@@ -194,12 +195,12 @@ def add_column_to_record(line: bytes, prefixes: tuple[bytes, bytes], cell: bytes
     Lines written by singer-sdk or singer-python are spliced (the record's bytes are not parsed
     again); any other layout goes through raw-JSON fields. Unparseable lines stay as they are.
     """
-    if b'"' + COLUMN.encode() + b'"' not in line:
+    if COLUMN_KEY not in line:
         for prefix in prefixes:
             if line.startswith(prefix):
                 rest = line[len(prefix) :]
                 comma = b"" if rest.lstrip().startswith(b"}") else b","
-                return b"".join((prefix, b'"', COLUMN.encode(), b'":', cell, comma, rest))
+                return b"".join((prefix, COLUMN_KEY, b":", cell, comma, rest))
     try:
         fields = _FIELDS.decode(line)
         record = _FIELDS.decode(fields["record"])
