@@ -146,6 +146,7 @@ class EventBuilder:
         self.inherited: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.streams: dict[str, dict[str, Any]] = {}
         self.phases_started: set[str] = set()
+        self.dbt: dict[str, dict[str, Any]] = {}  # dbt_results by phase (issue 6)
 
     def feed(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
         """RunEvents for `record` (often none)."""
@@ -165,6 +166,8 @@ class EventBuilder:
             return []
         if event == "stream_stats":
             self.streams[str(data.get("stream", "?"))] = dict(data)
+        elif event == "dbt_results":
+            self.dbt[str(data.get("phase", "?"))] = dict(data)
         elif event == "phase_started" and data.get("phase_run_id"):
             self.phases_started.add(str(data["phase_run_id"]))
             return [self._phase_event("START", data, ts)]
@@ -261,6 +264,8 @@ class EventBuilder:
         terminal = kind != "START"
         inputs = self._inputs() if terminal and phase == "extract" else []
         outputs = self._outputs() if terminal and phase == "load" else []
+        if terminal and phase in self.dbt:
+            inputs, outputs = _dbt_datasets(self.dbt[phase])
         run = {"runId": str(data["phase_run_id"]), "facets": facets}
         return self._event(kind, ts, run, job, inputs, outputs)
 
@@ -295,6 +300,29 @@ class EventBuilder:
 
     def _outputs(self) -> list[dict[str, Any]]:
         return [self._dataset(stats, "output") for stats in self.streams.values()]
+
+
+def _dbt_datasets(data: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A dbt block's sources and built relations, named as dbt-ol names them (issue 6)."""
+    inputs = [
+        {"namespace": str(item["namespace"]), "name": str(item["name"]), "facets": {}}
+        for item in data.get("inputs") or []
+        if isinstance(item, Mapping) and item.get("namespace") and item.get("name")
+    ]
+    outputs = []
+    for item in data.get("outputs") or []:
+        if not isinstance(item, Mapping) or not item.get("name") or item.get("status") != "success":
+            continue
+        dataset: dict[str, Any] = {
+            "namespace": str(item.get("namespace") or "duckdb://"),
+            "name": str(item["name"]),
+            "facets": {},
+        }
+        if isinstance(item.get("rows"), int):
+            stats = _facet("outputStatistics", rowCount=item["rows"])
+            dataset["outputFacets"] = {"outputStatistics": stats}
+        outputs.append(dataset)
+    return inputs, outputs
 
 
 def _phase_error(data: Mapping[str, Any]) -> str:

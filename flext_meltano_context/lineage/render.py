@@ -159,6 +159,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         via = f'|"{_mermaid_label(edge["via"])}"|' if edge.get("via") else ""
         lines.append(f"  {ids[edge['source']]} -->{via} {ids[edge['target']]}")
     lines += ["```", ""]
+    lines += _dbt_markdown(report.get("dbt") or [])
     state = report["state"]
     if state["loaded"] or state["persisted"]:
         lines += ["### State", ""]
@@ -183,6 +184,65 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(node: Mapping[str, Any]) -> str:
+    rows = node.get("rows")
+    return (
+        "-"
+        if rows is None
+        else f"{rows:,}" + (" (dbt)" if node.get("rows_from") == "adapter" else "")
+    )
+
+
+def _dbt_markdown(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One table of node results per dbt block (issue 6)."""
+    lines: list[str] = []
+    for block in blocks:
+        lines += [f"### dbt: {_md(block['phase'])}", ""]
+        if block.get("missing"):
+            lines += [f"No results of this run: {_md(block['missing'])}", ""]
+            continue
+        lines += [
+            f"Invocation `{block.get('invocation_id')}`, exit {block.get('exit_code')}.",
+            "",
+            "| Node | Type | Status | Compile | Execute | Rows | Message |",
+            "|---|---|---|--:|--:|--:|---|",
+        ]
+        for node in block["nodes"]:
+            mark = _STATUS_MARK.get("failed" if node["status"] in {"error", "fail"} else "", "")
+            lines.append(
+                f"| {_md(node['relation'] or node['unique_id'])} | {_md(node['resource_type'])} | "
+                f"{mark} {_md(node['status'])} | {_seconds(node.get('compile_s'))} | "
+                f"{_seconds(node.get('execute_s'))} | {_rows(node)} | "
+                f"{_md(str(node.get('message') or '')[:200])} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _dbt_html(blocks: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for block in blocks:
+        parts.append(f"<h2>dbt: {_e(block['phase'])}</h2>")
+        if block.get("missing"):
+            parts.append(f"<p>No results of this run: {_e(block['missing'])}</p>")
+            continue
+        rows = "".join(
+            f"<tr><td>{_e(node['relation'] or node['unique_id'])}</td>"
+            f"<td>{_e(node['resource_type'])}</td><td>{_e(node['status'])}</td>"
+            f"<td class=n>{_e(_seconds(node.get('compile_s')))}</td>"
+            f"<td class=n>{_e(_seconds(node.get('execute_s')))}</td>"
+            f"<td class=n>{_e(_rows(node))}</td>"
+            f"<td>{_e(str(node.get('message') or '')[:300])}</td></tr>"
+            for node in block["nodes"]
+        )
+        parts.append(
+            f"<p>Invocation {_e(block.get('invocation_id'))}, exit {_e(block.get('exit_code'))}</p>"
+            "<table><tr><th>Node</th><th>Type</th><th>Status</th><th>Compile</th><th>Execute</th>"
+            f"<th>Rows</th><th>Message</th></tr>{rows}</table>"
+        )
+    return "".join(parts)
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -352,6 +412,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         f"{_e(status)}</span></h1>"
         "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in summary) + "</dl>"
         f"<h2>Lineage</h2>{_graph_svg(report)}"
+        f"{_dbt_html(report.get('dbt') or [])}"
         f"<h2>Phase timeline</h2>{_gantt_svg(report)}"
         "<table><tr><th>Phase</th><th>Plugin</th><th>Status</th><th>Duration</th><th>Exit</th>"
         f"</tr>{phase_rows}</table>{tails}"

@@ -138,6 +138,7 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     state: dict[str, Any] = {"loaded": None, "persisted": None}
     anomalies: dict[str, Any] = {"count": 0, "first": []}
     extra_edges: list[dict[str, Any]] = []
+    dbt_blocks: list[dict[str, Any]] = []
     for event, data in _by_event(records):
         if event == "run_started":
             started = data
@@ -157,6 +158,8 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             anomalies = {"count": int(data.get("count", 0)), "first": list(data.get("first", []))}
         elif event == "lineage_edges":
             extra_edges.extend(data.get("edges", []))
+        elif event == "dbt_results":  # issue 6: per-node results of a dbt block
+            dbt_blocks.append(_dbt_block(data))
     pipeline = dict(started.get("pipeline") or {})
     pipeline.setdefault("name", _pipeline_name(started))
     end = completed or {}
@@ -186,6 +189,7 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "anomalies": anomalies,
         "nodes": nodes,
         "edges": edges,
+        "dbt": dbt_blocks,
         "log": {
             "events": len(records),
             "first_seq": first["seq"],
@@ -229,6 +233,23 @@ def _stream_row(stats: Mapping[str, Any], pipeline: Mapping[str, Any]) -> dict[s
         "output_dataset": output
         or {"namespace": f"singer://{pipeline.get('target', 'target')}", "name": stream},
         "target_table": str(stats.get("target_table") or output.get("name") or stream),
+    }
+
+
+def _dbt_block(data: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("unique_id", "resource_type", "status", "execution_time", "compile_s", "execute_s")
+    more = ("relation", "materialized", "rows", "rows_from", "message", "failures")
+    return {
+        "phase": str(data.get("phase", "?")),
+        "invocation_id": data.get("invocation_id"),
+        "dbt_version": data.get("dbt_version"),
+        "exit_code": data.get("exit_code"),
+        "missing": data.get("missing"),
+        "nodes": [
+            {key: node.get(key) for key in (*keys, *more)}
+            for node in data.get("nodes") or []
+            if isinstance(node, Mapping)
+        ],
     }
 
 
