@@ -100,6 +100,11 @@ def main() -> None:
 @click.option("--full-refresh", is_flag=True, help="Ignore stored state: extract everything.")
 @click.option("--state-id-suffix", help="Meltano: append this to the state id, as meltano run.")
 @click.option("--force", is_flag=True, help="Run even if another run holds the state lock.")
+@click.option(
+    "--target-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Standalone: the target's config, to count what landed (default: its --config).",
+)
 @_exits
 def run(
     plugins: tuple[str, ...],
@@ -111,6 +116,7 @@ def run(
     full_refresh: bool,
     state_id_suffix: str | None,
     force: bool,
+    target_config: Path | None,
 ) -> None:
     """Run TAP TARGET [TRANSFORMER:COMMAND ...] with one correlation id, counted and recorded.
 
@@ -149,6 +155,7 @@ def run(
             state_out=state_out,
             full_refresh=full_refresh,
             force=force,
+            target_config=target_config,
         )
     else:
         if len(plugins) < 2:
@@ -165,6 +172,7 @@ def run(
             full_refresh=full_refresh,
             state_id_suffix=state_id_suffix,
             force=force,
+            target_config=target_config,
         )
     progress = Progress()
     try:
@@ -336,6 +344,11 @@ def _min_records(values: tuple[str, ...]) -> dict[str, int]:
 @click.argument("run_id", required=False)
 @click.option("--last", is_flag=True, help="Check the last run in the log (the default).")
 @click.option("--require-success", is_flag=True, help="Fail unless the run succeeded.")
+@click.option(
+    "--require-landed",
+    is_flag=True,
+    help="Fail when the landing check found rows missing in the destination.",
+)
 @click.option("--min-records", multiple=True, metavar="STREAM=N", help="Repeatable.")
 @click.option(
     "--max-drop-pct",
@@ -349,6 +362,7 @@ def check(
     run_id: str | None,
     last: bool,
     require_success: bool,
+    require_landed: bool,
     min_records: tuple[str, ...],
     max_drop_pct: float | None,
     log_path: Path | None,
@@ -370,6 +384,7 @@ def check(
         min_records=minimums,
         max_drop_pct=max_drop_pct,
         previous=previous,
+        require_landed=require_landed,
     )
     if max_drop_pct is not None and previous is None:
         click.echo(

@@ -277,6 +277,22 @@ class Meltano:
         )
         dest.write_text(text, encoding="utf-8")
 
+    def dump_config(self, plugin: str) -> dict[str, Any]:
+        """The plugin's resolved config (`meltano invoke --dump=config`); it holds secrets."""
+        text = self._run(
+            self.argv("invoke", "--dump=config", plugin, quiet=True),
+            f"invoke --dump=config {plugin}",
+        )
+        try:
+            decoded = json.loads(text)
+        except ValueError as exc:
+            raise FlextContextError(
+                f"meltano invoke --dump=config {plugin} printed no JSON object"
+            ) from exc
+        if not isinstance(decoded, dict):
+            raise FlextContextError(f"meltano invoke --dump=config {plugin} printed no object")
+        return decoded
+
     def state_get(self, state_id: str) -> dict[str, Any] | None:
         """The stored Singer state value for `state_id`, None when there is none."""
         text = self._run(self.argv("state", "get", state_id, quiet=True), f"state get {state_id}")

@@ -38,6 +38,8 @@ from flext_meltano_context.errors import (
 if TYPE_CHECKING:
     from flext_meltano_context.children import Exit
     from flext_meltano_context.dbt import DbtPhase
+    from flext_meltano_context.keys import KeyCollector
+    from flext_meltano_context.landing import Check, Landing
     from flext_meltano_context.lineage.recorder import Recorder
     from flext_meltano_context.relay import RelayProgress, RelayStats
     from taps_wrapper.tap import Tap
@@ -58,6 +60,7 @@ class Settings:
     strict: bool = False
     grace_seconds: float = 30.0  # how long a stopped child may take to finish cleanly
     meltano_server: bool = True  # prepare plugins and store state in one Meltano process
+    landing: bool = True  # count what landed in the destination after the load (issue 7)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +83,7 @@ class Settings:
             grace_seconds=grace_seconds,
             meltano_server=env.get("FLEXT_CONTEXT_MELTANO_SERVER", "").lower()
             not in {"0", "false", "no", "off"},
+            landing=env.get("FLEXT_CONTEXT_LANDING", "").lower() not in {"0", "false", "no", "off"},
         )
 
 
@@ -98,6 +102,7 @@ class PipelineSpec:
     full_refresh: bool = False
     state_id_suffix: str | None = None
     force: bool = False
+    target_config: Path | None = None  # standalone: the target's config, for landing checks
 
     @property
     def standalone(self) -> bool:
@@ -160,6 +165,7 @@ class RunResult:
     digest: str | None = None
     anomaly_count: int = 0
     error: FlextContextError | None = None
+    landing: Landing | None = None  # what landed per stream (issue 7)
 
     @property
     def records(self) -> int:
@@ -392,6 +398,7 @@ def _run(
     phases: list[PhaseResult] = []
     tap_exit: Exit | None = None
     target_exit: Exit | None = None
+    check, keys = _landing_check(spec, prepared, conf, target_name)
     stopper.install()
     try:
         target = Target(
@@ -441,6 +448,7 @@ def _run(
                 injection=injection,
                 progress=progress,
                 close_sink=False,
+                on_lines=keys.feed if keys is not None else None,
             )
         except StrictModeError as exc:
             stats = getattr(exc, "stats", None)
@@ -557,6 +565,16 @@ def _run(
                     ],
                 },
             )
+    landing = None
+    if check is not None and stats is not None and error is None and not aborted:
+        landing = check.finish(
+            {name: s.records for name, s in stats.streams.items() if s.records},
+            keys.distinct() if keys is not None else {},
+            {name: bool(s.key_properties) for name, s in stats.streams.items()},
+            conf.record_column_streams,
+            identity.correlation_id,
+        )
+        recorder.record("landing", landing.event_data())
     if persister is not None and persister.persisted:
         recorder.record(
             "state_persisted",
@@ -638,6 +656,7 @@ def _run(
         digest=stats.digest if stats else None,
         anomaly_count=stats.anomaly_count if stats else 0,
         error=error,
+        landing=landing,
     )
 
 
@@ -764,3 +783,23 @@ def _ci(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("CI"):
         return {"system": "unknown"}
     return {}
+
+
+def _landing_check(
+    spec: PipelineSpec, prepared: preflight.Prepared, conf: Settings, target_name: str
+) -> tuple[Check | None, KeyCollector | None]:
+    """The landing check prepared before the target starts (counts before the load), issue 7."""
+    if not conf.landing:
+        return None, None
+    from flext_meltano_context import landing
+    from flext_meltano_context.keys import KeyCollector
+
+    check = landing.prepare_run(
+        target=spec.target if not spec.standalone else target_name,
+        argv=prepared.target_argv,
+        target_config=spec.target_config,
+        meltano=prepared.meltano,
+        approximate="*" not in conf.record_column_streams,
+        cwd=prepared.cwd,
+    )
+    return check, (KeyCollector() if check.reason is None else None)

@@ -86,6 +86,15 @@ def summary(result: RunResult) -> str:
         lines.append(f"  state: the target confirmed none; {result.state_id} left untouched")
     if result.state_loaded_from:
         lines.append(f"  resumed from state written by run {result.state_loaded_from}")
+    landing = getattr(result, "landing", None)
+    for row in landing.streams if landing is not None else ():
+        landed = "-" if row.landed is None else f"{row.landed:,}"
+        why = f" ({row.reason})" if row.reason and row.status == "not checked" else ""
+        level = f", {row.level}" if row.level else ""
+        lines.append(
+            f"  landed {row.stream}: {row.label}{level} (relayed {row.relayed:,}, landed "
+            f"{landed}){why}"
+        )
     lines.append(f"  correlation id {result.correlation_id}, run id {result.run_id}")
     lines.append(f"  lineage log {result.lineage_path}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ def violations(
     min_records: Mapping[str, int] | None = None,
     max_drop_pct: float | None = None,
     previous: Mapping[str, Any] | None = None,
+    require_landed: bool = False,
 ) -> list[str]:
     """One line per violated rule; empty when the run passes."""
     out: list[str] = []
@@ -56,4 +57,21 @@ def violations(
                     f"stream {stream!r} dropped {drop:.1f}% ({old} -> {new} records) against "
                     f"run {previous['run_id']}, more than {max_drop_pct:g}%"
                 )
+    if require_landed:
+        out += landing_violations(report)
+    return out
+
+
+def landing_violations(report: Mapping[str, Any]) -> list[str]:
+    """One line per stream whose landing check found rows missing (issue 7)."""
+    out = []
+    run = report["run_id"]
+    for row in report["streams"]:
+        landing = row.get("landing")
+        if landing and landing.get("status") == "missing":
+            out.append(
+                f"stream {row['stream']!r} of run {run}: {landing['label']} in the destination "
+                f"(relayed {landing['relayed']}, landed {landing['landed']}, "
+                f"{landing.get('level')})"
+            )
     return out

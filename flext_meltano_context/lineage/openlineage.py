@@ -168,6 +168,11 @@ class EventBuilder:
             self.streams[str(data.get("stream", "?"))] = dict(data)
         elif event == "dbt_results":
             self.dbt[str(data.get("phase", "?"))] = dict(data)
+        elif event == "landing":  # issue 7: the destination's own count and dataset name
+            for row in data.get("streams") or []:
+                stats = self.streams.get(str(row.get("stream")))
+                if stats is not None:
+                    stats["landing"] = dict(row)
         elif event == "phase_started" and data.get("phase_run_id"):
             self.phases_started.add(str(data["phase_run_id"]))
             return [self._phase_event("START", data, ts)]
@@ -292,6 +297,12 @@ class EventBuilder:
             metrics = stats.get("target_metrics") or {}
             if isinstance(metrics.get("record_count"), int):
                 numbers["rowCount"] = metrics["record_count"]  # what the target says it wrote
+            landing = stats.get("landing") or {}
+            if isinstance(landing.get("landed"), int) and landing.get("level") is not None:
+                numbers["rowCount"] = landing["landed"]  # counted in the destination itself
+                if landing.get("dataset") and not given:
+                    dataset["namespace"] = str(landing["dataset"]["namespace"])
+                    dataset["name"] = str(landing["dataset"]["name"])
             dataset["outputFacets"] = {"outputStatistics": _facet("outputStatistics", **numbers)}
         return dataset
 

@@ -70,6 +70,18 @@ def _timeline(
     return origin, span, rows
 
 
+def _landed(row: Mapping[str, Any]) -> str:
+    """The landing verdict of a stream row: `ok (exact, 7 of 7)`, `missing 1 ...`, or `-`."""
+    landing = row.get("landing")
+    if not landing:
+        return "-"
+    if landing.get("status") == "not checked":
+        return f"not checked: {landing.get('reason') or 'no reason given'}"
+    landed = landing.get("landed")
+    shown = "-" if landed is None else f"{landed:,}"
+    return f"{landing['label']} ({landing.get('level')}, {shown} of {landing['relayed']:,})"
+
+
 def _pipeline_line(pipeline: Mapping[str, Any]) -> str:
     steps = [pipeline.get("tap"), pipeline.get("target"), *(pipeline.get("transformers") or [])]
     return " → ".join(str(step) for step in steps if step)
@@ -114,15 +126,16 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "### Streams", ""]
     if report["streams"]:
         lines += [
-            "| Stream | Records | Bytes | Messages | First record | Last record | Table |",
-            "|---|--:|--:|---|---|---|---|",
+            "| Stream | Records | Bytes | Messages | First record | Last record | Table | Landed |",
+            "|---|--:|--:|---|---|---|---|---|",
         ]
         for row in report["streams"]:
             messages = ", ".join(f"{k} {v:,}" for k, v in sorted(row["counts"].items()))
             lines.append(
                 f"| {_md(row['stream'])} | {row['records']:,} | {_size(row['bytes'])} | "
                 f"{_md(messages)} | {row['first_record_at'] or '-'} | "
-                f"{row['last_record_at'] or '-'} | {_md(row['target_table'])} |"
+                f"{row['last_record_at'] or '-'} | {_md(row['target_table'])} | "
+                f"{_md(_landed(row))} |"
             )
     else:
         lines.append("No stream statistics were recorded.")
@@ -386,7 +399,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         f"<td class=n>{_e(_size(row['bytes']))}</td>"
         f"<td>{_e(', '.join(f'{k} {v:,}' for k, v in sorted(row['counts'].items())))}</td>"
         f"<td>{_e(row['first_record_at'] or '-')}</td><td>{_e(row['last_record_at'] or '-')}</td>"
-        f"<td>{_e(row['target_table'])}</td></tr>"
+        f"<td>{_e(row['target_table'])}</td><td>{_e(_landed(row))}</td></tr>"
         for row in report["streams"]
     )
     phase_rows = "".join(
@@ -417,7 +430,8 @@ def to_html(report: Mapping[str, Any]) -> str:
         "<table><tr><th>Phase</th><th>Plugin</th><th>Status</th><th>Duration</th><th>Exit</th>"
         f"</tr>{phase_rows}</table>{tails}"
         "<h2>Streams</h2><table><tr><th>Stream</th><th>Records</th><th>Bytes</th>"
-        "<th>Messages</th><th>First record</th><th>Last record</th><th>Table</th></tr>"
+        "<th>Messages</th><th>First record</th><th>Last record</th><th>Table</th>"
+        "<th>Landed</th></tr>"
         f"{stream_rows}</table>"
         f"<h2>Anomalies</h2><p>{report['anomalies']['count']} anomalies.</p>"
         f"<footer><p>flext-context {_e(report.get('flext_context_version') or '')}; "

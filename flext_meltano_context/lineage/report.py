@@ -139,6 +139,7 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     anomalies: dict[str, Any] = {"count": 0, "first": []}
     extra_edges: list[dict[str, Any]] = []
     dbt_blocks: list[dict[str, Any]] = []
+    landed: dict[str, dict[str, Any]] = {}
     for event, data in _by_event(records):
         if event == "run_started":
             started = data
@@ -160,10 +161,16 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             extra_edges.extend(data.get("edges", []))
         elif event == "dbt_results":  # issue 6: per-node results of a dbt block
             dbt_blocks.append(_dbt_block(data))
+        elif event == "landing":  # issue 7: what landed per stream
+            for row in data.get("streams") or []:
+                landed[str(row.get("stream", "?"))] = {"family": data.get("family"), **row}
     pipeline = dict(started.get("pipeline") or {})
     pipeline.setdefault("name", _pipeline_name(started))
     end = completed or {}
     stream_rows = [_stream_row(stats, pipeline) for stats in streams.values()]
+    for row in stream_rows:
+        if row["stream"] in landed:
+            row["landing"] = _landing_row(landed[row["stream"]])
     nodes, edges = _graph(stream_rows, pipeline, extra_edges)
     return {
         "report_version": REPORT_VERSION,
@@ -234,6 +241,14 @@ def _stream_row(stats: Mapping[str, Any], pipeline: Mapping[str, Any]) -> dict[s
         or {"namespace": f"singer://{pipeline.get('target', 'target')}", "name": stream},
         "target_table": str(stats.get("target_table") or output.get("name") or stream),
     }
+
+
+def _landing_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("family", "relayed", "basis", "landed", "status", "label", "difference", "level")
+    out = {key: row.get(key) for key in keys}
+    out["bound"] = row.get("bound")
+    out["reason"] = row.get("reason")
+    return out
 
 
 def _dbt_block(data: Mapping[str, Any]) -> dict[str, Any]:
