@@ -363,8 +363,12 @@ def _snapshot(check: Check) -> None:
             schemas.add(str(value.get("target_schema")))
         if check.family == "postgres" and not schemas:
             schemas = {"melty"}
-        reply = _run_db_probe(check, {"op": "snapshot", "schemas": sorted(schemas)})
-        check.before = {k: int(v) for k, v in reply["counts"].items()}
+        raw = str(conf.get("path") or conf.get("filepath") or "")
+        if check.family == "duckdb" and "://" not in raw and not _path(check, raw).exists():
+            check.before = {}  # a new database file: every table is new
+        else:
+            reply = _run_db_probe(check, {"op": "snapshot", "schemas": sorted(schemas)})
+            check.before = {k: int(v) for k, v in reply["counts"].items()}
         check.covered = tuple(sorted(schemas))
     elif check.family == "sqlite":
         db = _sqlite_path(check)
