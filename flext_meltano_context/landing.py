@@ -464,7 +464,7 @@ def _finish(
             continue
         new_rows = (landed or 0) - before[0]
         table_was_new = not before[1]
-        if not upsert or table_was_new:
+        if not upsert or (table_was_new and basis == "distinct_keys"):
             status = _verdict(expected, new_rows)
             out.append(
                 StreamLanding(
