@@ -480,8 +480,9 @@ def _finish(
             )
         else:
             status = "extra" if new_rows > expected else "ok"
+            unit = "key(s)" if basis == "distinct_keys" else "record(s)"
             note = (
-                f"{new_rows} new row(s) for {expected} relayed key(s): updated rows add none, so "
+                f"{new_rows} new row(s) for {expected} relayed {unit}: updated rows add none, so "
                 "the relayed figure is an upper bound; turn the record column on for exact counts"
             )
             out.append(
