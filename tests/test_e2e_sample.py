@@ -116,8 +116,8 @@ def sample_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(SAMPLE, project, ignore=NOT_COPIED)
     manifest = project / "meltano.yml"
     text = manifest.read_text()
-    assert "pip_url: -e ..\n" in text, "sample_project installs flext-context from `-e ..`"
-    manifest.write_text(text.replace("pip_url: -e ..\n", f"pip_url: -e {ROOT}\n"))
+    assert "pip_url: -e ..[duckdb]" in text, "sample_project installs flext-context from `-e ..`"
+    manifest.write_text(text.replace("pip_url: -e ..[duckdb]", f"pip_url: -e {ROOT}[duckdb]"))
     meltano(project, "install")
     return project
 
@@ -299,3 +299,53 @@ def test_correlation_id_given_by_the_caller_reaches_every_child(
     for role, (start,) in seen_by_probes(tmp_path).items():
         assert start["env"]["FLEXT_CORRELATION_ID"] == given, role
         assert start["env"]["MELTANO_RUN_ID"] == run[0]["run_id"], role
+
+
+# --- the dbt phase (issue 6) ---------------------------------------------------------------
+
+
+def test_report_edges_lead_from_each_stream_to_the_mart(sample_runs: SampleRuns) -> None:
+    from flext_meltano_context.lineage.report import build_report
+
+    report = build_report(sample_runs.second)
+    children: dict[str, set[str]] = {}
+    for edge in report["edges"]:
+        children.setdefault(edge["source"], set()).add(edge["target"])
+
+    def reaches(node: str, goal: str) -> bool:
+        return node == goal or any(reaches(child, goal) for child in children.get(node, ()))
+
+    for stream in ("users", "orders"):
+        assert reaches(f"stream:{stream}", "model:analytics.user_orders"), stream
+        assert f"source:raw.{stream}" in children[f"table:raw.{stream}"]
+
+
+def test_model_row_counts_equal_count_star(sample_runs: SampleRuns) -> None:
+    results = event(sample_runs.second, "dbt_results")
+    assert results["missing"] is None
+    assert results["invocation_id"]
+    rows = {n["relation"]: n["rows"] for n in results["nodes"] if n["resource_type"] == "model"}
+    expected = table_counts(
+        sample_runs.project, "analytics.stg_users", "analytics.stg_orders", "analytics.user_orders"
+    )
+    assert rows == {f"warehouse.{name}": count for name, count in expected.items()}
+
+
+def test_a_broken_model_fails_the_run_and_is_named(sample_runs: SampleRuns) -> None:
+    project = sample_runs.project
+    broken = project / "transform" / "models" / "marts" / "broken_orders.sql"
+    broken.write_text("select no_such_column from {{ ref('stg_orders') }}\n")
+    try:
+        done = meltano(project, "invoke", "flext-context", "run", *PIPELINE, "dbt-duckdb:run",
+                       check=False)  # fmt: skip
+    finally:
+        broken.unlink()
+    assert done.returncode == 1
+    assert "model.flext_sample.broken_orders" in done.stderr
+    run = list(runs(project).values())[-1]
+    assert event(run, "run_completed")["status"] == "failed"
+    assert "broken_orders" in event(run, "run_completed")["error"]
+    statuses = {n["unique_id"]: n["status"] for n in event(run, "dbt_results")["nodes"]}
+    assert statuses["model.flext_sample.broken_orders"] == "error"
+    assert statuses["model.flext_sample.user_orders"] == "success"
+    assert stored_state(project)["singer_state"]["bookmarks"]  # the EL state stays stored
