@@ -93,6 +93,7 @@ class RelayStats:
     ended_at: float
     sink_closed_early: bool
     bytes_out: int = 0  # bytes the sink accepted (differs from `bytes` with an injection)
+    counting_error: str | None = None  # counting stopped here; forwarding went on (a bug)
 
     def records(self) -> int:
         return self.counts.get("RECORD", 0)
@@ -129,6 +130,7 @@ class RelayStats:
             "first_byte_at": self.first_byte_at,
             "ended_at": self.ended_at,
             "sink_closed_early": self.sink_closed_early,
+            "counting_error": self.counting_error,
         }
 
 
@@ -484,6 +486,7 @@ def relay(
     sent = 0
     closed_early = False
     stopped: _Strict | None = None
+    counting_error: str | None = None
     _enlarge_pipe(source)
     _enlarge_pipe(sink)
     try:
@@ -511,6 +514,8 @@ def relay(
                 tail = bytearray()
             else:
                 break
+            if counting_error is not None:
+                continue  # counting failed earlier: keep forwarding (pass-through mode only)
             try:
                 out = tally.feed(lines, ended, size, now, injection is not None, data, rest)
             except _Strict as stop:
@@ -518,6 +523,12 @@ def relay(
                 if stop.keep:
                     sent += _write_all(sink, _joined(lines[: stop.keep], True), hasher)
                 break
+            except Exception as exc:  # a counting bug must never cost a record
+                if not passthrough:
+                    raise  # nothing was forwarded for these lines: the caller must know
+                counting_error = f"{type(exc).__name__}: {exc}"
+                structlog.get_logger().error("relay_counting_failed", error=counting_error)
+                continue
             if on_lines is not None:
                 on_lines(lines)
             if not passthrough:
@@ -545,6 +556,7 @@ def relay(
         ended_at=time.time(),
         sink_closed_early=closed_early,
         bytes_out=sent,
+        counting_error=counting_error,
     )
     if closed_early:
         structlog.get_logger().warning(

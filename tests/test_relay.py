@@ -548,3 +548,19 @@ def test_injection_on_generated_streams_changes_only_what_it_must(
         else:
             assert new_line == old_line
     assert stats.counts == reference_counts(data)[0]
+
+
+def test_a_counting_bug_stops_the_counting_but_never_the_forwarding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flext_meltano_context import relay as relay_module
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(relay_module._Tally, "feed", broken)
+    data = SCHEMA + b'{"type":"RECORD","stream":"users","record":{"id":1}}\n' * 1000
+    stats, out = relay_bytes(tmp_path, data, chunk_size=100, digest=True)
+    assert out == data
+    assert stats.counting_error == "KeyError: 'a bug'"
+    assert stats.digest == hashlib.sha256(data).hexdigest()
