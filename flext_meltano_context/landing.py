@@ -298,9 +298,13 @@ def _destination(check: Check, stream: str) -> tuple[str, str, Mapping[str, str]
         else:
             schema = str(conf.get("default_target_schema", "")).strip()
         table = table.replace(".", "_").replace("-", "_").lower()
-        raw = str(conf.get("path") or conf.get("filepath") or "")
-        catalog = str(conf.get("database") or conf.get("dbname") or Path(raw).stem)
-        namespace = f"duckdb://{_path(check, raw) if '://' not in raw else raw}"
+        # A query string may carry a token (MotherDuck: `md:db?motherduck_token=...`): the
+        # dataset is named after the database, never after its connection options.
+        raw = str(conf.get("path") or conf.get("filepath") or "").split("?", 1)[0]
+        stem = raw.removeprefix("md:") if raw.startswith("md:") else Path(raw).stem
+        catalog = str(conf.get("database") or conf.get("dbname") or stem)
+        where = raw if "://" in raw or raw.startswith("md:") else _path(check, raw)
+        namespace = f"duckdb://{where}"
         return schema, table, {"namespace": namespace, "name": f"{catalog}.{schema}.{table}"}
     if check.family == "postgres":
         # meltanolabs-target-postgres 0.8.1 sinks.py: schema_name, conform_name (identity)

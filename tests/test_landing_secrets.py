@@ -113,3 +113,16 @@ def test_a_drivers_message_that_echoes_the_password_is_scrubbed(config: dict[str
     message = f'connection to "loader:{PASSWORD}@db.example" failed: password {PASSWORD!r}'
     assert PASSWORD not in check.scrub(message)
     assert "connection to" in check.scrub(message)
+
+
+def test_a_motherduck_token_in_the_duckdb_path_is_not_in_the_dataset_name() -> None:
+    check = landing.prepare(
+        names=["target-duckdb"],
+        argv=["target-duckdb"],
+        config={"path": "md:my_db?motherduck_token=SECRET-TOKEN", "default_target_schema": "raw"},
+        config_source="test",
+        approximate=False,
+    )
+    schema, table, dataset = landing._destination(check, "users")
+    assert (schema, table) == ("raw", "users")
+    assert dataset == {"namespace": "duckdb://md:my_db", "name": "my_db.raw.users"}

@@ -301,3 +301,19 @@ def test_every_lineage_command_has_help(command: str) -> None:
     code, out, _ = _invoke(command, "--help")
     assert code == 0
     assert "Usage:" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("md:db?motherduck_token=abc123", "md:db?motherduck_token=[REDACTED]"),
+        ("https://h/p?page=2&api_key=k3y", "https://h/p?page=2&api_key=[REDACTED]"),
+        ("x;password=hunter2;host=h", "x;password=[REDACTED];host=h"),
+        ("http://h/?primary_key=id&sort=asc", "http://h/?primary_key=id&sort=asc"),
+    ],
+    ids=["motherduck", "api-key", "semicolon", "not-secret"],
+)
+def test_secret_query_parameters_are_redacted_from_free_text(text: str, expected: str) -> None:
+    from flext_meltano_context.lineage.redact import redact_text
+
+    assert redact_text(text) == expected

@@ -41,6 +41,7 @@ _KEY_WORDS = frozenset({"key", "keys"})
 _NOT_SECRET_KEYS = frozenset({"primary", "foreign", "sort", "partition", "replication", "natural"})
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;])(?P<name>[A-Za-z][A-Za-z0-9_.-]*)=[^&;#\s\"']+")
 
 
 def is_secret_key(name: str) -> bool:
@@ -57,8 +58,22 @@ def is_secret_key(name: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """`text` with any password in a URL (`scheme://user:password@host`) replaced."""
-    return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text) if "@" in text else text
+    """`text` without URL passwords (`scheme://user:pw@host`) nor secret query parameters.
+
+    A query parameter is secret when its name looks secret (`?motherduck_token=...`,
+    `&api_key=...`, `;password=...`).
+    """
+    if "@" in text:
+        text = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+    if "=" in text:
+        text = _QUERY_PARAM.sub(_redact_param, text)
+    return text
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    if not is_secret_key(match.group("name")):
+        return match.group(0)
+    return f"{match.group('head')}{match.group('name')}={REDACTED}"
 
 
 def redact(value: Any, *, keep: Collection[str] = ()) -> Any:
