@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from flext_meltano_context.errors import StepError
+from targets_wrapper import naming
 
 log = structlog.get_logger("flext_meltano_context.dbt")
 
@@ -87,15 +88,11 @@ class Warehouse:
         return f"duckdb://{self.path}"
 
     def table_of(self, stream: str) -> Relation | None:
-        """The table target-duckdb 0.8 writes `stream` to (`db_sync.py` table_name/schema)."""
-        parts = stream.split("-")
-        schema_part = parts[0] if len(parts) >= 2 else None
-        table = parts[1] if len(parts) == 2 else "_".join(parts[2:]) if len(parts) > 2 else stream
-        table = table.replace(".", "_").replace("-", "_").lower()
-        schema = self.schema_mapping.get(schema_part or "") or self.default_schema
-        if not schema:
-            return None
-        return Relation(self.database, schema, table)
+        """The table target-duckdb 0.8 writes `stream` to, None when no schema is configured."""
+        schema, table = naming.duckdb_table(
+            stream, default_schema=self.default_schema, schema_mapping=self.schema_mapping
+        )
+        return Relation(self.database, schema, table) if schema else None
 
 
 def warehouse_from_config(config: Mapping[str, Any]) -> Warehouse | None:
@@ -103,19 +100,12 @@ def warehouse_from_config(config: Mapping[str, Any]) -> Warehouse | None:
     raw = config.get("path") or config.get("filepath")
     if not isinstance(raw, str) or not raw or "://" in raw or raw.startswith(("md:", ":memory:")):
         return None
-    database = config.get("database") or config.get("dbname") or Path(raw).stem
-    mapping = config.get("schema_mapping")
-    schemas = {
-        str(name): str(rule["target_schema"])
-        for name, rule in (mapping.items() if isinstance(mapping, Mapping) else ())
-        if isinstance(rule, Mapping) and rule.get("target_schema")
-    }
-    default = config.get("default_target_schema")
+    default, rules = naming.duckdb_schemas(config)
     return Warehouse(
         path=raw,
-        database=str(database),
-        default_schema=str(default).strip() if default else None,
-        schema_mapping=schemas,
+        database=naming.duckdb_catalog(config),
+        default_schema=default,
+        schema_mapping=rules,
     )
 
 

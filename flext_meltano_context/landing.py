@@ -30,6 +30,8 @@ from typing import Any
 
 import structlog
 
+from targets_wrapper import naming
+
 log = structlog.get_logger("flext_meltano_context.landing")
 
 COLUMN = "_sdc_correlation_id"
@@ -274,7 +276,7 @@ def _unchecked(stream: str, relayed: int, reason: str) -> StreamLanding:
     return StreamLanding(stream, relayed, "records", None, "not checked", reason=reason)
 
 
-# --- naming: where each family puts a stream ---------------------------------------------------
+# --- where each family's table is, and its dataset name ---------------------------------------
 
 
 def _path(check: Check, value: str) -> Path:
@@ -287,44 +289,29 @@ def _path(check: Check, value: str) -> Path:
 def _destination(check: Check, stream: str) -> tuple[str, str, Mapping[str, str]]:
     """(schema, table, dataset) of a database family's table for `stream`."""
     conf = check.config
-    parts = stream.split("-")
     if check.family == "duckdb":
-        # target-duckdb 0.8.0 db_sync.py: stream_name_to_dict, table_name, get_catalog_name
-        schema_part = parts[0] if len(parts) == 2 else parts[1] if len(parts) > 2 else None
-        table = parts[1] if len(parts) == 2 else "_".join(parts[2:]) if len(parts) > 2 else stream
-        mapping = conf.get("schema_mapping") or {}
-        if schema_part is not None and schema_part in mapping:
-            schema = str(mapping[schema_part].get("target_schema"))
-        else:
-            schema = str(conf.get("default_target_schema", "")).strip()
-        table = table.replace(".", "_").replace("-", "_").lower()
+        default, rules = naming.duckdb_schemas(conf)
+        found, table = naming.duckdb_table(stream, default_schema=default, schema_mapping=rules)
+        schema = found or ""
+        catalog = naming.duckdb_catalog(conf)
         # A query string may carry a token (MotherDuck: `md:db?motherduck_token=...`): the
         # dataset is named after the database, never after its connection options.
         raw = str(conf.get("path") or conf.get("filepath") or "").split("?", 1)[0]
-        stem = raw.removeprefix("md:") if raw.startswith("md:") else Path(raw).stem
-        catalog = str(conf.get("database") or conf.get("dbname") or stem)
         where = raw if "://" in raw or raw.startswith("md:") else _path(check, raw)
         namespace = f"duckdb://{where}"
         return schema, table, {"namespace": namespace, "name": f"{catalog}.{schema}.{table}"}
     if check.family == "postgres":
-        # meltanolabs-target-postgres 0.8.1 sinks.py: schema_name, conform_name (identity)
-        schema = conf.get("default_target_schema") or "melty"
-        if not conf.get("default_target_schema") and len(parts) in {2, 3}:
-            schema = parts[-2]
-        table = stream if len(parts) == 1 else parts[-1]
+        schema, table = naming.postgres_table(conf, stream)
         host, port, database = _pg_where(conf)
         return (
-            str(schema),
+            schema,
             table,
             {
                 "namespace": f"postgres://{host}:{port}",
                 "name": f"{database}.{schema}.{table}",
             },
         )
-    # sqlite: target-sqlite 0.2.0 utils: re.sub non-word -> "_", then inflection.underscore
-    table = re.sub("[^0-9a-zA-Z_]+", "_", stream)
-    table = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", table)
-    table = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", table).replace("-", "_").lower()
+    table = naming.sqlite_table(stream)
     db = _sqlite_path(check)
     return "main", table, {"namespace": f"sqlite://{db}", "name": table}
 
