@@ -207,17 +207,11 @@ def _write_output(text: str, output: Path | None) -> None:
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return
-    import os
-    import tempfile
-
     from flext_meltano_context.errors import FlextContextError
+    from flext_meltano_context.state import write_text_atomic
 
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        Path(tmp).replace(output)
+        write_text_atomic(output, text)
     except OSError as exc:
         raise FlextContextError(f"cannot write {output}: {exc.strerror}") from exc
     click.echo(f"wrote {output}", err=True)

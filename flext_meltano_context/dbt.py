@@ -22,8 +22,9 @@ from typing import Any
 
 import structlog
 
-from flext_meltano_context.errors import StepError
+from flext_meltano_context.errors import FlextContextError, StepError
 from targets_wrapper import naming
+from targets_wrapper.config import config_path_in, read_config
 
 log = structlog.get_logger("flext_meltano_context.dbt")
 
@@ -111,14 +112,13 @@ def warehouse_from_config(config: Mapping[str, Any]) -> Warehouse | None:
 
 def config_of(argv: Sequence[str]) -> dict[str, Any] | None:
     """The JSON config file a plugin command line passes with `--config`, None if none."""
-    for index, arg in enumerate(argv[:-1]):
-        if arg == "--config":
-            try:
-                decoded = json.loads(Path(argv[index + 1]).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            return decoded if isinstance(decoded, dict) else None
-    return None
+    path = config_path_in(argv)
+    if path is None:
+        return None
+    try:
+        return read_config(path)
+    except (OSError, ValueError):
+        return None
 
 
 def stream_datasets(
@@ -609,26 +609,13 @@ def target_warehouse(
 
 
 def _dumped_config(meltano: Any, target: str) -> dict[str, Any] | None:
-    import subprocess
-
     try:
-        done = subprocess.run(
-            meltano.argv("invoke", "--dump=config", target, quiet=True),
-            capture_output=True,
-            env=dict(meltano.env),
-            cwd=meltano.project_root,
-            timeout=120,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.info("target_config_unavailable", target=target, reason=str(exc)[:200])
+        config: dict[str, Any] = meltano.dump_config(target, timeout=120)
+    except FlextContextError as exc:
+        # The first line only: the lines after it are Meltano's stderr, which may echo config.
+        log.info("target_config_unavailable", target=target, reason=str(exc).splitlines()[0][:200])
         return None
-    try:
-        decoded = json.loads(done.stdout) if done.returncode == 0 else None
-    except ValueError:
-        decoded = None
-    return decoded if isinstance(decoded, dict) else None
+    return config
 
 
 class DbtPhase:

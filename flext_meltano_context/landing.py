@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from targets_wrapper import naming
+from targets_wrapper.config import config_path_in, read_config
 
 log = structlog.get_logger("flext_meltano_context.landing")
 
@@ -172,24 +173,6 @@ def family_of(names: Sequence[str]) -> str | None:
             if any(needle in base for needle in needles):
                 return family
     return None
-
-
-def config_path_in(argv: Sequence[str]) -> Path | None:
-    """The `--config FILE` (or `-c FILE`) a target command carries, the last one winning."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg in {"--config", "-c"} and i + 1 < len(argv):
-            found = Path(argv[i + 1])
-        elif arg.startswith("--config="):
-            found = Path(arg.split("=", 1)[1])
-    return found
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
 
 
 def prepare(
@@ -455,40 +438,29 @@ def _finish(
             continue
         new_rows = (landed or 0) - before[0]
         table_was_new = not before[1]
+        note = None
         if not upsert or (table_was_new and basis == "distinct_keys"):
-            status = _verdict(expected, new_rows)
-            out.append(
-                StreamLanding(
-                    stream,
-                    expected,
-                    basis,
-                    new_rows,
-                    status,
-                    "approximate",
-                    "exact",
-                    dataset=dataset,
-                )
-            )
+            status, bound = _verdict(expected, new_rows), "exact"
         else:
-            status = "extra" if new_rows > expected else "ok"
+            status, bound = ("extra" if new_rows > expected else "ok"), "upper_bound"
             unit = "key(s)" if basis == "distinct_keys" else "record(s)"
             note = (
                 f"{new_rows} new row(s) for {expected} relayed {unit}: updated rows add none, so "
                 "the relayed figure is an upper bound; turn the record column on for exact counts"
             )
-            out.append(
-                StreamLanding(
-                    stream,
-                    expected,
-                    basis,
-                    new_rows,
-                    status,
-                    "approximate",
-                    "upper_bound",
-                    reason=note,
-                    dataset=dataset,
-                )
+        out.append(
+            StreamLanding(
+                stream,
+                expected,
+                basis,
+                new_rows,
+                status,
+                "approximate",
+                bound,
+                reason=note,
+                dataset=dataset,
             )
+        )
     return out
 
 

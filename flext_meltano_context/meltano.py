@@ -277,11 +277,12 @@ class Meltano:
         )
         dest.write_text(text, encoding="utf-8")
 
-    def dump_config(self, plugin: str) -> dict[str, Any]:
+    def dump_config(self, plugin: str, *, timeout: float = 600) -> dict[str, Any]:
         """The plugin's resolved config (`meltano invoke --dump=config`); it holds secrets."""
         text = self._run(
             self.argv("invoke", "--dump=config", plugin, quiet=True),
             f"invoke --dump=config {plugin}",
+            timeout,
         )
         try:
             decoded = json.loads(text)

@@ -129,12 +129,16 @@ def read_state_file(path: Path) -> LoadedState | None:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write `value` as JSON to `path` through a temp file and os.replace: never half-written."""
+    write_text_atomic(path, json.dumps(value, separators=(",", ":")) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and os.replace: never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(value, out, separators=(",", ":"))
-            out.write("\n")
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         Path(tmp).replace(path)

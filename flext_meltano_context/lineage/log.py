@@ -208,22 +208,28 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_tail(fd: int, path: Path) -> _Tail:
-    """The last whole line's seq and hash, and any partial bytes after it, read from the end."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return _Tail(0, ZERO_HASH, None, 0)
-    end = size
+def _read_back(fd: int, end: int) -> tuple[bytes, int, int]:
+    """The bytes before `end`, read backwards until they hold the whole last line.
+
+    Returns (bytes, file offset of their first byte, index of the newline before the last line,
+    -1 when the last line starts the file).
+    """
     buf = b""
-    # Read backwards until the buffer holds the whole last line and the newline before it.
     while True:
         start = max(0, end - _TAIL_BLOCK)
         buf = os.pread(fd, end - start, start) + buf
         end = start
         cut = buf.rfind(b"\n", 0, len(buf) - 1)
         if cut >= 0 or start == 0:
-            break
-    base = end  # file offset of buf[0]
+            return buf, start, cut
+
+
+def _read_tail(fd: int, path: Path) -> _Tail:
+    """The last whole line's seq and hash, and any partial bytes after it, read from the end."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return _Tail(0, ZERO_HASH, None, 0)
+    buf, base, cut = _read_back(fd, size)
     if not buf.endswith(b"\n"):
         # A crash mid-write left a partial line: seal it, chain on from the line before it.
         cut = buf.rfind(b"\n")
@@ -252,15 +258,7 @@ def _read_tail_before(fd: int, path: Path, offset: int) -> _Tail:
     """The tail of the file as if it ended at `offset` (used to skip a partial last line)."""
     if offset == 0:
         return _Tail(0, ZERO_HASH, None, 0)
-    end = offset
-    buf = b""
-    while True:
-        start = max(0, end - _TAIL_BLOCK)
-        buf = os.pread(fd, end - start, start) + buf
-        end = start
-        cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0 or start == 0:
-            break
+    buf, _, cut = _read_back(fd, offset)
     last = buf[cut + 1 :]
     claimed = line_hash(last)
     if claimed is None:
