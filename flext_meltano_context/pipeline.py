@@ -351,6 +351,7 @@ def _run(
     progress: Callable[[RelayProgress], None] | None,
 ) -> RunResult:
     from flext_meltano_context import ids
+    from flext_meltano_context.lineage.ci import ci_context
     from flext_meltano_context.lineage.recorder import Recorder
     from flext_meltano_context.relay import Injection, relay
     from taps_wrapper.tap import Tap
@@ -377,7 +378,7 @@ def _run(
             "parent_correlation_id": identity.parent_correlation_id,
             "inherited_correlation_from": identity.inherited_from,
             "openlineage_parent": identity.openlineage_parent(),
-            "ci": _ci(env),
+            "ci": ci_context(env),
             "flext_context_version": __version__,
             "phase_run_ids": phase_ids,
         },
@@ -764,25 +765,6 @@ def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> di
             kind = spec.get("type") if isinstance(spec, Mapping) else None
             columns[str(name)] = kind if isinstance(kind, (str, list)) else None
     return {"properties": columns, "key_properties": list(keys)}
-
-
-def _ci(env: Mapping[str, str]) -> dict[str, Any]:
-    """Which CI system runs us, and its run id: names, never secrets."""
-    if env.get("GITHUB_ACTIONS") == "true":
-        return {
-            "system": "github-actions",
-            "run_id": env.get("GITHUB_RUN_ID"),
-            "sha": env.get("GITHUB_SHA"),
-        }
-    if env.get("GITLAB_CI") == "true":
-        return {
-            "system": "gitlab-ci",
-            "run_id": env.get("CI_PIPELINE_ID"),
-            "sha": env.get("CI_COMMIT_SHA"),
-        }
-    if env.get("CI"):
-        return {"system": "unknown"}
-    return {}
 
 
 def _landing_check(

@@ -111,6 +111,30 @@ def test_lineage_log_has_the_runs_events_in_order(tmp_path: Path) -> None:
     assert done["digest"] == result.digest
 
 
+def test_a_run_under_github_actions_names_its_ci_run_in_the_report(tmp_path: Path) -> None:
+    from flext_meltano_context.lineage.render import to_markdown
+    from flext_meltano_context.lineage.report import build_report
+
+    ci = {
+        "GITHUB_ACTIONS": "true",
+        "GITHUB_SERVER_URL": "https://github.com",
+        "GITHUB_REPOSITORY": "acme/etl",
+        "GITHUB_RUN_ID": "42",
+    }
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3)
+    execute(
+        spec(
+            fake("tap_counter.py", "--records", "1"), fake("target_collect.py", str(tmp_path / "o"))
+        ),
+        environ={**os.environ, **ci},
+        settings=settings,
+    )
+    started = events(tmp_path)[0]["data"]
+    assert started["ci"]["provider"] == "github"
+    report = build_report(events(tmp_path))
+    assert "| CI | github https://github.com/acme/etl/actions/runs/42 |" in to_markdown(report)
+
+
 def test_tap_failing_mid_stream_keeps_the_targets_confirmed_state_and_names_the_tap(
     tmp_path: Path,
 ) -> None:
