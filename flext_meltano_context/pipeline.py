@@ -20,12 +20,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from flext_meltano_context import preflight, runenv, state
+from flext_meltano_context import preflight, runenv, state, stopping
 from flext_meltano_context.__about__ import __version__
 from flext_meltano_context.errors import (
     AbortedError,
@@ -196,116 +195,6 @@ def step_name(argv: Sequence[str]) -> str:
     return first
 
 
-class _Persister:
-    """Persists each state the target confirms, coalescing: the latest always wins and lands.
-
-    Runs on its own thread so a slow store (`meltano state set` costs a second) never stalls the
-    target's stdout reader; `finish()` waits until the last confirmed state is stored.
-    """
-
-    def __init__(self, write: Callable[[dict[str, Any]], None], identity: runenv.RunIdentity):
-        self._write = write
-        self._identity = identity
-        self._pending: dict[str, Any] | None = None
-        self._closed = False
-        self._cond = threading.Condition()
-        self.confirmed = 0
-        self.persisted = 0
-        self.last_written_at: str | None = None
-        self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._loop, name="state-persister", daemon=True)
-        self._thread.start()
-
-    def offer(self, value: dict[str, Any]) -> None:
-        with self._cond:
-            self.confirmed += 1
-            self._pending = value
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                value, self._pending = self._pending, None
-                if value is None:
-                    return
-            written_at = state.utc_now()
-            stamped = state.attach_context(
-                value,
-                correlation_id=self._identity.correlation_id,
-                run_id=self._identity.run_id,
-                written_at=written_at,
-            )
-            try:
-                self._write(stamped)
-            except Exception as exc:  # noqa: BLE001 - reported as the run's error at the end
-                self.errors.append(str(exc))
-                log.error("state_persist_failed", error=str(exc)[:500])
-                continue
-            self.persisted += 1
-            self.last_written_at = written_at
-
-    def finish(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-
-class _Stopper:
-    """SIGINT/SIGTERM: first a graceful stop (tap first), a second signal kills everything."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.signum: int | None = None
-        self.hard = False
-        self.tap: Tap | None = None
-        self.target: Target | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may set handlers; embedders handle signals themselves
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.signum is not None:
-            self.hard = True
-            for child in (self.tap, self.target):
-                if child is not None:
-                    child.child.signal(signal.SIGKILL)
-            return
-        self.signum = signum
-        if self.tap is None:
-            raise AbortedError(
-                signum, f"stopped by {signal.Signals(signum).name} before the run began"
-            )
-        print(  # noqa: T201 - a direct line to the user at the terminal, not a log event
-            f"flext-context: {signal.Signals(signum).name}: stopping the tap, letting the target "
-            "confirm its state; send again to stop at once",
-            file=sys.stderr,
-        )
-        self.tap.child.signal(signal.SIGTERM)
-        tap = self.tap
-        threading.Thread(target=_kill_after, args=(tap, self.grace), daemon=True).start()
-
-
-def _kill_after(tap: Tap, grace: float) -> None:
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if tap.child.poll() is not None:
-            return
-        time.sleep(0.05)
-    tap.child.signal(signal.SIGKILL)
-
-
 def execute(
     spec: PipelineSpec,
     *,
@@ -388,9 +277,11 @@ def _run(
         recorder.record("state_loaded", prepared.loaded.event_data(prepared.state_id))
 
     persister = (
-        _Persister(prepared.write_state, identity) if prepared.write_state is not None else None
+        state.Persister(prepared.write_state, identity)
+        if prepared.write_state is not None
+        else None
     )
-    stopper = _Stopper(conf.grace_seconds)
+    stopper = stopping.Stopper(conf.grace_seconds)
     tap: Tap | None = None
     target: Target | None = None
     stats: RelayStats | None = None
@@ -427,7 +318,7 @@ def _run(
         )
         stopper.tap = tap
         _phase_started(recorder, "extract", tap_name, phase_ids["extract"], tap.child.started_at)
-        _watch_target(target, tap, relay_done, conf.grace_seconds)
+        stopping.watch_target(target, tap, relay_done, conf.grace_seconds)
         injection = None
         if conf.inject_state or conf.record_column_streams:
             injection = Injection(
@@ -462,7 +353,7 @@ def _run(
         if stats is not None and stats.sink_closed_early:
             tap.child.stop(conf.grace_seconds)
         tap_exit = tap.child.wait()
-        target_exit = _wait_target(target, stopper, conf.grace_seconds)
+        target_exit = stopping.wait_target(target, stopper, conf.grace_seconds)
         target.join_output()
     finally:
         stopper.restore()
@@ -668,31 +559,6 @@ def _phase_started(recorder: Recorder, phase: str, plugin: str, run_id: str, at:
     )
 
 
-def _watch_target(target: Target, tap: Tap, relay_done: threading.Event, grace: float) -> None:
-    """When the target exits while the tap still streams, stop the tap (it cannot be heard)."""
-
-    def watch() -> None:
-        target.child.proc.wait()
-        if not relay_done.is_set():
-            log.warning("target_exited_early", target=target.name, stopping=tap.name)
-            tap.child.stop(grace)
-
-    threading.Thread(target=watch, name="target-watch", daemon=True).start()
-
-
-def _wait_target(target: Target, stopper: _Stopper, grace: float) -> Exit:
-    """Wait for the target; after a signal it gets `grace` seconds to confirm, then is stopped."""
-    import subprocess
-
-    while True:
-        try:
-            timeout = grace if stopper.signum is not None else 0.2
-            return target.child.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            if stopper.signum is not None:
-                target.child.stop(grace)
-
-
 def _run_block(
     block: str,
     argv: Sequence[str],
@@ -701,7 +567,7 @@ def _run_block(
     phase_run_id: str,
     cwd: str | None,
     recorder: Recorder,
-    stopper: _Stopper,
+    stopper: stopping.Stopper,
     dbt_phase: DbtPhase | None = None,
 ) -> tuple[PhaseResult, FlextContextError | None]:
     """Run one transformer block with the run's context; its stdout goes to our stderr."""
@@ -719,8 +585,10 @@ def _run_block(
     child = Child(block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=cwd)
     _phase_started(recorder, block, plugin, phase_run_id, child.started_at)
     with contextlib.suppress(ValueError):  # not in the main thread: no handler to swap
-        previous = signal.signal(signal.SIGINT, lambda s, _f: _stop_block(child, stopper, s))
-        signal.signal(signal.SIGTERM, lambda s, _f: _stop_block(child, stopper, s))
+        previous = signal.signal(
+            signal.SIGINT, lambda s, _f: stopping.stop_block(child, stopper, s)
+        )
+        signal.signal(signal.SIGTERM, lambda s, _f: stopping.stop_block(child, stopper, s))
     try:
         exit_ = child.wait()
     finally:
@@ -747,14 +615,6 @@ def _run_block(
     if failed and found is not None and found.failed_nodes:
         error = DbtFailedError(block, exit_.returncode, exit_.stderr_tail, found.failed_nodes)
     return result, error
-
-
-def _stop_block(child: Any, stopper: _Stopper, signum: int) -> None:
-    if stopper.signum is None:
-        stopper.signum = signum
-        child.signal(signal.SIGTERM)
-    else:
-        child.signal(signal.SIGKILL)
 
 
 def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:

@@ -17,15 +17,19 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
 from flext_meltano_context.errors import LockedError, UsageError
+
+if TYPE_CHECKING:
+    from flext_meltano_context.runenv import RunIdentity
 
 CONTEXT_KEY = "flext_context"
 
@@ -242,3 +246,60 @@ def _describe(holder: Mapping[str, Any]) -> str:
         f"run {holder.get('run_id', '?')} (pid {holder.get('pid', '?')} on "
         f"{holder.get('host', '?')}, since {since})"
     )
+
+
+class Persister:
+    """Persists each state the target confirms, coalescing: the latest always wins and lands.
+
+    Runs on its own thread so a slow store (`meltano state set` costs a second) never stalls the
+    target's stdout reader; `finish()` waits until the last confirmed state is stored.
+    """
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], identity: RunIdentity):
+        self._write = write
+        self._identity = identity
+        self._pending: dict[str, Any] | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self.confirmed = 0
+        self.persisted = 0
+        self.last_written_at: str | None = None
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="state-persister", daemon=True)
+        self._thread.start()
+
+    def offer(self, value: dict[str, Any]) -> None:
+        with self._cond:
+            self.confirmed += 1
+            self._pending = value
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                value, self._pending = self._pending, None
+                if value is None:
+                    return
+            written_at = utc_now()
+            stamped = attach_context(
+                value,
+                correlation_id=self._identity.correlation_id,
+                run_id=self._identity.run_id,
+                written_at=written_at,
+            )
+            try:
+                self._write(stamped)
+            except Exception as exc:  # noqa: BLE001 - reported as the run's error at the end
+                self.errors.append(str(exc))
+                log.error("state_persist_failed", error=str(exc)[:500])
+                continue
+            self.persisted += 1
+            self.last_written_at = written_at
+
+    def finish(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
