@@ -233,3 +233,38 @@ def test_sigterm_under_meltano_stops_gracefully_keeps_state_and_leaves_no_proces
     assert state["bookmarks"] == {"users": {"id": 8}}
     assert events(tmp_path, "run_completed")[-1]["data"]["status"] == "aborted"
     assert_no_orphans(tmp_path / "pids")
+
+
+def test_state_id_suffix_and_full_refresh_follow_meltano_run(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    args = ("invoke", "flext-context", "run", "tap-counter", "target-collect")
+    first = meltano(root, *args, "--state-id-suffix", "nightly")
+    assert first.returncode == 0, first.stderr
+    suffixed = stored_state(root, "dev:tap-counter-to-target-collect:nightly")["singer_state"]
+    assert suffixed["bookmarks"] == {"users": {"id": 10}}
+    assert stored_state(root, "dev:tap-counter-to-target-collect") == {}
+    # --full-refresh ignores the stored bookmark: the tap starts again from id 1.
+    again = meltano(root, *args, "--state-id-suffix", "nightly", "--full-refresh")
+    assert again.returncode == 0, again.stderr
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == [*range(1, 11), *range(1, 11)]
+    assert "--state" not in json.loads((tmp_path / "tap.env").read_text())["argv"]
+
+
+def test_without_an_environment_the_run_is_stateless_with_a_warning(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    for _ in range(2):
+        done = meltano(
+            root,
+            "--no-environment",
+            "invoke",
+            "flext-context",
+            "run",
+            "tap-counter",
+            "target-collect",
+        )
+        assert done.returncode == 0, done.stderr
+        assert "no Meltano environment" in done.stderr
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == [*range(1, 11), *range(1, 11)]  # nothing resumed: no state was kept
+    assert events(tmp_path, "state_persisted") == []
