@@ -406,8 +406,6 @@ def _finish(
         expected, basis = plans[stream]
         upsert = _upserts(check, keyed.get(stream, False))
         landed, dataset, before, error = counts[stream]
-        if upsert and basis == "records" and stream not in exact:
-            basis = "records"
         if error is not None:
             out.append(
                 StreamLanding(

@@ -1,11 +1,11 @@
-"""One run of tap -> relay -> target (then transformer blocks): processes, state, signals, lineage.
+"""One run of tap -> relay -> target (then transformer blocks): processes, state, lineage.
 
 Meltano mode (under `meltano invoke`, `MELTANO_PROJECT_ROOT` set) launches every plugin as
 `meltano invoke` would (see `preflight`) and keeps state exactly as `meltano run` does; standalone
 mode runs any Singer commands with `--state`/`--state-out` files. Both share the relay, the child
 environment, timing, failure semantics and the lineage record. `execute()` returns a RunResult
 and raises only for bad input found before any child starts; `run_pipeline()` raises the run's
-error as well.
+error as well. How a run stops on a signal lives in `stopping`.
 """
 
 from __future__ import annotations
@@ -584,17 +584,17 @@ def _run_block(
     plugin = block.split(":", 1)[0]
     child = Child(block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=cwd)
     _phase_started(recorder, block, plugin, phase_run_id, child.started_at)
+    previous: dict[signal.Signals, Any] = {}
     with contextlib.suppress(ValueError):  # not in the main thread: no handler to swap
-        previous = signal.signal(
-            signal.SIGINT, lambda s, _f: stopping.stop_block(child, stopper, s)
-        )
-        signal.signal(signal.SIGTERM, lambda s, _f: stopping.stop_block(child, stopper, s))
+        for stop_on in (signal.SIGINT, signal.SIGTERM):
+            previous[stop_on] = signal.signal(
+                stop_on, lambda s, _f: stopping.stop_block(child, stopper, s)
+            )
     try:
         exit_ = child.wait()
     finally:
-        with contextlib.suppress(ValueError, NameError):
-            signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for stop_on, handler in previous.items():  # the handlers as they were, SIGTERM's too
+            signal.signal(stop_on, handler)
     failed = exit_.returncode != 0
     status = "aborted" if stopper.signum is not None else "failed" if failed else "success"
     found = None

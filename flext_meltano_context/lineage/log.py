@@ -348,7 +348,7 @@ def verify(path: Path) -> VerifyResult:
                     return bad(pending[0], "malformed", "not a lineage record and not sealed")
                 pending = (lineno, here, line[:-1])
                 continue
-            if claimed != sha(line[:-_SUFFIX_LEN] + b"}").hexdigest():
+            if claimed != line_body_hash(line):
                 return bad(lineno, "edited", "its hash does not match its content")
             try:
                 head = decode(line)
