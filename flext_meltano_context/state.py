@@ -136,11 +136,25 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, separators=(",", ":")) + "\n")
 
 
+# The process umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and os.replace: never half-written."""
+    """Write `text` to `path` through a temp file and os.replace: never half-written.
+
+    The file gets the mode a plain `open(path, "w")` would give it (an existing file's, else
+    0666 less the umask), not the temp file's 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()

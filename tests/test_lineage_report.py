@@ -317,3 +317,18 @@ def test_secret_query_parameters_are_redacted_from_free_text(text: str, expected
     from flext_meltano_context.lineage.redact import redact_text
 
     assert redact_text(text) == expected
+
+
+def test_graph_rows_follow_their_parents_so_chains_stay_straight() -> None:
+    from flext_meltano_context.lineage.render import _graph_rows, _layers
+
+    nodes = [{"id": i} for i in ("s:a", "s:b", "t:a", "t:b", "src:b", "src:a")]
+    edges = [
+        {"source": "s:a", "target": "t:a"},
+        {"source": "s:b", "target": "t:b"},
+        {"source": "t:a", "target": "src:a"},
+        {"source": "t:b", "target": "src:b"},
+    ]
+    rows = _graph_rows(nodes, edges, _layers(nodes, edges))
+    assert rows["src:a"] == rows["t:a"] == rows["s:a"] == 0
+    assert rows["src:b"] == rows["t:b"] == rows["s:b"] == 1

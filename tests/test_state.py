@@ -93,3 +93,22 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path: Pa
     assert logs[0]["event"] == "stale_state_lock_taken_over"
     assert "dead-run" in logs[0]["holder"]
     lock.release()
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would_give(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from flext_meltano_context.state import write_text_atomic
+
+    fresh = tmp_path / "report.html"
+    write_text_atomic(fresh, "<p>hi</p>")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    kept = tmp_path / "state.json"
+    kept.write_text("{}")
+    kept.chmod(0o600)
+    write_text_atomic(kept, '{"a": 1}')
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_text() == '{"a": 1}'

@@ -295,18 +295,37 @@ def _layers(
     return layer
 
 
+def _graph_rows(
+    nodes: Sequence[Mapping[str, Any]], edges: Sequence[Mapping[str, Any]], layer: Mapping[str, int]
+) -> dict[str, int]:
+    """Row of each node in its column, by its predecessors' mean row: fewer crossing edges."""
+    parents: dict[str, list[str]] = {node["id"]: [] for node in nodes}
+    for edge in edges:
+        parents[edge["target"]].append(edge["source"])
+    row: dict[str, int] = {}
+    for column in sorted(set(layer.values())):
+        members = [node["id"] for node in nodes if layer[node["id"]] == column]
+        placed = {
+            n: sum(row[p] for p in parents[n] if p in row) / max(1, len(parents[n]))
+            for n in members
+        }
+        members.sort(key=placed.__getitem__)  # stable: unlinked nodes keep the report's order
+        row.update({n: i for i, n in enumerate(members)})
+    return row
+
+
 def _graph_svg(report: Mapping[str, Any]) -> str:
     nodes, edges = report["nodes"], report["edges"]
     if not nodes:
         return "<p>No lineage was recorded.</p>"
     layer = _layers(nodes, edges)
     box_w, box_h, gap_x, gap_y, pad = 200, 34, 90, 16, 10
+    row_of = _graph_rows(nodes, edges, layer)
     rows: dict[int, int] = {}
     place: dict[str, tuple[int, int]] = {}
     for node in nodes:
-        column = layer[node["id"]]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+        column, row = layer[node["id"]], row_of[node["id"]]
+        rows[column] = max(rows.get(column, 0), row + 1)
         place[node["id"]] = (pad + column * (box_w + gap_x), pad + row * (box_h + gap_y))
     width = pad * 2 + (max(layer.values()) + 1) * (box_w + gap_x) - gap_x
     height = pad * 2 + max(rows.values()) * (box_h + gap_y) - gap_y
