@@ -188,8 +188,8 @@ def prepare(
     """Everything to do before the target starts: family, config, counts before the load."""
     family = family_of(names)
     if family is None:
-        shown = ", ".join(Path(n).name for n in names if n) or "?"
-        return Check(None, reason=f"no landing probe for target {shown}")
+        shown = Path(names[0]).name if names and names[0] else "?"
+        return Check(None, reason=f"no landing probe for target {shown!r}")
     if config is None:
         why = config_error or "no target config (pass --target-config FILE)"
         return Check(family, reason=why)

@@ -88,12 +88,14 @@ def summary(result: RunResult) -> str:
         lines.append(f"  resumed from state written by run {result.state_loaded_from}")
     landing = getattr(result, "landing", None)
     for row in landing.streams if landing is not None else ():
-        landed = "-" if row.landed is None else f"{row.landed:,}"
-        why = f" ({row.reason})" if row.reason and row.status == "not checked" else ""
+        if row.landed is None:
+            why = f": {row.reason}" if row.reason else ""
+            lines.append(f"  landed {row.stream}: {row.label}{why}")
+            continue
         level = f", {row.level}" if row.level else ""
         lines.append(
             f"  landed {row.stream}: {row.label}{level} (relayed {row.relayed:,}, landed "
-            f"{landed}){why}"
+            f"{row.landed:,})"
         )
     lines.append(f"  correlation id {result.correlation_id}, run id {result.run_id}")
     lines.append(f"  lineage log {result.lineage_path}")
