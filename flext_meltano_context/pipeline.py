@@ -239,12 +239,10 @@ def _run(
     started: float,
     progress: Callable[[RelayProgress], None] | None,
 ) -> RunResult:
+    """Record the run's start, run it, and record its end even when it ends by an exception."""
     from flext_meltano_context import ids
     from flext_meltano_context.lineage.ci import ci_context
     from flext_meltano_context.lineage.recorder import Recorder
-    from flext_meltano_context.relay import Injection, relay
-    from taps_wrapper.tap import Tap
-    from targets_wrapper.target import Target
 
     tap_name = spec.tap if not spec.standalone else step_name(prepared.tap_argv)
     target_name = spec.target if not spec.standalone else step_name(prepared.target_argv)
@@ -273,6 +271,51 @@ def _run(
         },
         fsync=True,
     )
+    try:
+        return _run_started(
+            spec, prepared, env, conf, identity, started, progress, recorder, phase_ids
+        )
+    except BaseException as exc:
+        # A run that ends by an exception (a signal before the tap started, a child that could
+        # not be started) still gets its end in the log, so no run is left open there.
+        ended = time.time()
+        aborted = isinstance(exc, (AbortedError, KeyboardInterrupt))
+        recorder.record(
+            "run_completed",
+            {
+                "status": "aborted" if aborted else "failed",
+                "started_at": state.iso(started),
+                "ended_at": state.iso(ended),
+                "duration_s": round(ended - started, 3),
+                "records": 0,
+                "bytes": 0,
+                "digest": None,
+                "error": (str(exc) or type(exc).__name__)[:2000],
+            },
+            fsync=True,
+        )
+        raise
+    finally:
+        recorder.close()
+
+
+def _run_started(
+    spec: PipelineSpec,
+    prepared: preflight.Prepared,
+    env: Mapping[str, str],
+    conf: Settings,
+    identity: runenv.RunIdentity,
+    started: float,
+    progress: Callable[[RelayProgress], None] | None,
+    recorder: Recorder,
+    phase_ids: Mapping[str, str],
+) -> RunResult:
+    from flext_meltano_context.relay import Injection, relay
+    from taps_wrapper.tap import Tap
+    from targets_wrapper.target import Target
+
+    tap_name = spec.tap if not spec.standalone else step_name(prepared.tap_argv)
+    target_name = spec.target if not spec.standalone else step_name(prepared.target_argv)
     if prepared.loaded is not None:
         recorder.record("state_loaded", prepared.loaded.event_data(prepared.state_id))
 
@@ -529,7 +572,6 @@ def _run(
         },
         fsync=True,
     )
-    recorder.close()
     return RunResult(
         run_id=identity.run_id,
         correlation_id=identity.correlation_id,

@@ -458,3 +458,28 @@ def test_strict_mode_stops_at_a_bad_line_and_fails_the_run(tmp_path: Path) -> No
     assert len(out.read_text().splitlines()) == 2
     assert result.phases[0].status == "failed"
     assert_no_orphans(pids)
+
+
+def test_a_tap_that_cannot_start_ends_the_run_in_the_log_and_leaves_no_target(
+    tmp_path: Path,
+) -> None:
+    not_a_program = tmp_path / "tap-garbage"
+    not_a_program.write_bytes(b"\x00\x01 not an executable format\n")
+    not_a_program.chmod(0o755)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    target = fake("target_collect.py", str(tmp_path / "out.jsonl"), "--pid-dir", str(pids))
+    with pytest.raises(UsageError, match="tap-garbage"):
+        run(tmp_path, [str(not_a_program)], target)
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds[0] == "run_started"
+    assert kinds[-1] == "run_completed"
+    completed = events(tmp_path)[-1]["data"]
+    assert completed["status"] == "failed"
+    assert "tap-garbage" in completed["error"]
+    # The target had started first: it is stopped, not left behind.
+    deadline = time.monotonic() + 5
+    while not list(pids.glob("*.pid")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if list(pids.glob("*.pid")):
+        assert_no_orphans(pids)
