@@ -219,9 +219,17 @@ def execute(
         if spec.standalone
         else preflight.prepare_meltano(spec, env, identity, use_server=conf.meltano_server)
     )
+    recorder, phase_ids = _open_record(spec, prepared, env, conf, identity)
     try:
-        return _run(spec, prepared, env, conf, identity, started, progress)
+        return _run(spec, prepared, env, conf, identity, started, progress, recorder, phase_ids)
+    except BaseException as exc:
+        # A run that ends by an exception (a signal before the tap started, a child that could
+        # not be started) still gets its end in the log, so no run is left open there.
+        status = "aborted" if isinstance(exc, (AbortedError, KeyboardInterrupt)) else "failed"
+        _record_completed(recorder, status, started, time.time(), None, str(exc) or repr(exc))
+        raise
     finally:
+        recorder.close()
         if prepared.server is not None:
             prepared.server.close()
         if prepared.lock is not None:
@@ -230,22 +238,26 @@ def execute(
             shutil.rmtree(prepared.workdir, ignore_errors=True)
 
 
-def _run(
+def _names(spec: PipelineSpec, prepared: preflight.Prepared) -> tuple[str, str]:
+    """How the run names its tap and target: plugin names, or the standalone commands' scripts."""
+    if not spec.standalone:
+        return spec.tap, spec.target
+    return step_name(prepared.tap_argv), step_name(prepared.target_argv)
+
+
+def _open_record(
     spec: PipelineSpec,
     prepared: preflight.Prepared,
     env: Mapping[str, str],
     conf: Settings,
     identity: runenv.RunIdentity,
-    started: float,
-    progress: Callable[[RelayProgress], None] | None,
-) -> RunResult:
-    """Record the run's start, run it, and record its end even when it ends by an exception."""
+) -> tuple[Recorder, dict[str, str]]:
+    """The run's recorder, its `run_started` event written, and a run id per phase."""
     from flext_meltano_context import ids
     from flext_meltano_context.lineage.ci import ci_context
     from flext_meltano_context.lineage.recorder import Recorder
 
-    tap_name = spec.tap if not spec.standalone else step_name(prepared.tap_argv)
-    target_name = spec.target if not spec.standalone else step_name(prepared.target_argv)
+    tap_name, target_name = _names(spec, prepared)
     phase_ids = {"extract": ids.uuid7(), "load": ids.uuid7()}
     phase_ids.update({block: ids.uuid7() for block, _argv in prepared.transform_argvs})
     recorder = Recorder(
@@ -271,35 +283,34 @@ def _run(
         },
         fsync=True,
     )
-    try:
-        return _run_started(
-            spec, prepared, env, conf, identity, started, progress, recorder, phase_ids
-        )
-    except BaseException as exc:
-        # A run that ends by an exception (a signal before the tap started, a child that could
-        # not be started) still gets its end in the log, so no run is left open there.
-        ended = time.time()
-        aborted = isinstance(exc, (AbortedError, KeyboardInterrupt))
-        recorder.record(
-            "run_completed",
-            {
-                "status": "aborted" if aborted else "failed",
-                "started_at": state.iso(started),
-                "ended_at": state.iso(ended),
-                "duration_s": round(ended - started, 3),
-                "records": 0,
-                "bytes": 0,
-                "digest": None,
-                "error": (str(exc) or type(exc).__name__)[:2000],
-            },
-            fsync=True,
-        )
-        raise
-    finally:
-        recorder.close()
+    return recorder, phase_ids
 
 
-def _run_started(
+def _record_completed(
+    recorder: Recorder,
+    status: str,
+    started: float,
+    ended: float,
+    stats: RelayStats | None,
+    error: str | None,
+) -> None:
+    recorder.record(
+        "run_completed",
+        {
+            "status": status,
+            "started_at": state.iso(started),
+            "ended_at": state.iso(ended),
+            "duration_s": round(ended - started, 3),
+            "records": sum(s.records for s in stats.streams.values()) if stats else 0,
+            "bytes": stats.bytes if stats else 0,
+            "digest": stats.digest if stats else None,
+            "error": error[:2000] if error is not None else None,
+        },
+        fsync=True,
+    )
+
+
+def _run(
     spec: PipelineSpec,
     prepared: preflight.Prepared,
     env: Mapping[str, str],
@@ -314,8 +325,7 @@ def _run_started(
     from taps_wrapper.tap import Tap
     from targets_wrapper.target import Target
 
-    tap_name = spec.tap if not spec.standalone else step_name(prepared.tap_argv)
-    target_name = spec.target if not spec.standalone else step_name(prepared.target_argv)
+    tap_name, target_name = _names(spec, prepared)
     if prepared.loaded is not None:
         recorder.record("state_loaded", prepared.loaded.event_data(prepared.state_id))
 
@@ -558,19 +568,8 @@ def _run_started(
     ended = time.time()
     status = "aborted" if aborted else ("failed" if error is not None else "success")
     streams = {name: s.records for name, s in stats.streams.items()} if stats else {}
-    recorder.record(
-        "run_completed",
-        {
-            "status": status,
-            "started_at": state.iso(started),
-            "ended_at": state.iso(ended),
-            "duration_s": round(ended - started, 3),
-            "records": sum(streams.values()),
-            "bytes": stats.bytes if stats else 0,
-            "digest": stats.digest if stats else None,
-            "error": str(error)[:2000] if error is not None else None,
-        },
-        fsync=True,
+    _record_completed(
+        recorder, status, started, ended, stats, str(error) if error is not None else None
     )
     return RunResult(
         run_id=identity.run_id,
