@@ -1,19 +1,138 @@
-"""Distinct primary keys per stream, collected from relayed lines for landing reconciliation.
+"""Distinct primary keys per stream, collected from relayed lines for landing checks by key.
 
-An upserting target keeps one row per key, so the exact expectation for such a stream is the
-number of distinct key values relayed, not the number of records (issue 7). Fed by the relay's
-`on_lines` hook only when reconciliation asks for it: the plain relay never pays for it. Each
-record is decoded for its key properties only (a struct per stream, other fields skipped).
+The landing check asks the destination which of the keys the relay forwarded are there
+(issue 10), so each keyed stream's distinct key values are kept in a canonical byte form that the
+pure-Python collector and the compiled scanner produce alike (issue 14):
+
+- a key is the concatenation of one component per key property, in `key_properties` order;
+- a component is a tag byte, a 4-byte little-endian payload length, and the payload:
+  `I` integer (decimal digits, `-` sign, no leading zeros: `1`, `1.0` and `1e0` are `I1`),
+  `D` a finite non-integral number (`'%.17g' % value`), `S` a string (its UTF-8 bytes, escapes
+  resolved; a lone surrogate as `surrogatepass` encodes it), `T`/`F` true/false, `N` null or a
+  missing property (empty payloads), `O` anything else (an object, an array, `NaN`: the raw JSON
+  text, stripped; such a key cannot be compared with a column).
+
+`decode()` turns a canonical key back into typed Python values for the destination probe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import decimal
+import json
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 
 Buf = bytes | bytearray
+_LEN = struct.Struct("<I")
+MAX_INTEGER_DIGITS = 400  # a wider integral number (1e999) is kept as `D`
+
+
+class Uncomparable(str):
+    """A key component that no column can be compared with (an object, an array, NaN)."""
+
+
+def component(raw: bytes | None) -> bytes:
+    """The canonical component of one key property's raw JSON value (None: missing)."""
+    if raw is None:
+        return b"N" + _LEN.pack(0)
+    text = raw.strip()
+    first = text[:1]
+    if first == b'"':
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return _tagged(b"O", text)
+        return _tagged(b"S", value.encode("utf-8", "surrogatepass"))
+    if text == b"null":
+        return b"N" + _LEN.pack(0)
+    if text == b"true":
+        return b"T" + _LEN.pack(0)
+    if text == b"false":
+        return b"F" + _LEN.pack(0)
+    if first == b"-" or first.isdigit():
+        number = _number(text)
+        if number is not None:
+            return number
+    return _tagged(b"O", text)
+
+
+def _number(text: bytes) -> bytes | None:
+    try:
+        msgspec.json.decode(text)  # a JSON number, as a target would read it
+        value = decimal.Decimal(text.decode("ascii"))
+    except (msgspec.DecodeError, decimal.InvalidOperation, UnicodeDecodeError):
+        return None
+    if not value.is_finite():
+        return None
+    _sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # noqa: S101 - finite above
+    if value == value.to_integral_value() and len(digits) + max(exponent, 0) <= MAX_INTEGER_DIGITS:
+        return _tagged(b"I", str(int(value)).encode("ascii"))
+    return _tagged(b"D", (b"%.17g" % float(value)))
+
+
+def _tagged(tag: bytes, payload: bytes) -> bytes:
+    return tag + _LEN.pack(len(payload)) + payload
+
+
+def canonical(raw_values: Sequence[bytes | None]) -> bytes:
+    """The canonical key of one record: its key properties' raw JSON values, in order."""
+    return b"".join(map(component, raw_values))
+
+
+def decode(key: bytes) -> tuple[Any, ...]:
+    """A canonical key as typed values: int, float, str, bool, None, or Uncomparable."""
+    out: list[Any] = []
+    at = 0
+    while at < len(key):
+        tag = key[at : at + 1]
+        (size,) = _LEN.unpack_from(key, at + 1)
+        payload = key[at + 5 : at + 5 + size]
+        at += 5 + size
+        if tag == b"I":
+            out.append(int(payload))
+        elif tag == b"D":
+            out.append(float(payload))
+        elif tag == b"S":
+            out.append(payload.decode("utf-8", "surrogatepass"))
+        elif tag in (b"T", b"F"):
+            out.append(tag == b"T")
+        elif tag == b"N":
+            out.append(None)
+        else:
+            out.append(Uncomparable(payload.decode("utf-8", "backslashreplace")))
+    return tuple(out)
+
+
+class KeySet:
+    """Distinct canonical keys per stream.
+
+    The interface the relay fills and the landing probe reads. This first version keeps every
+    key in memory; issue 10 bounds it (a budget, then sorted runs on disk in the run's work
+    directory) without changing the interface.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, set[bytes]] = {}
+
+    def add_many(self, stream: str, keys: Iterable[bytes]) -> None:
+        self._keys.setdefault(stream, set()).update(keys)
+
+    def streams(self) -> list[str]:
+        return sorted(self._keys)
+
+    def count(self, stream: str) -> int:
+        return len(self._keys.get(stream, ()))
+
+    def iter(self, stream: str) -> Iterator[bytes]:
+        """The stream's distinct keys, each once (order unspecified)."""
+        return iter(self._keys.get(stream, ()))
+
+    def close(self) -> None:
+        self._keys.clear()
 
 
 class _Head(msgspec.Struct, gc=False):
@@ -26,29 +145,33 @@ class _Schema(msgspec.Struct, gc=False):
 
 
 class KeyCollector:
-    """Counts distinct key values per keyed stream; streams without keys are not tracked."""
+    """The pure-Python collector: fed whole lines, keeps canonical keys of keyed streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyset: KeySet | None = None) -> None:
+        self.keys = keyset if keyset is not None else KeySet()
         self._head = msgspec.json.Decoder(_Head)
         self._schema = msgspec.json.Decoder(_Schema)
         self._decoders: dict[str, tuple[tuple[str, ...], msgspec.json.Decoder[Any]]] = {}
-        self._seen: dict[str, set[Any]] = {}
         self.keyed: dict[str, bool] = {}
 
     def feed(self, lines: Sequence[Buf]) -> None:
         """Look at one region of whole lines (as the relay read them)."""
-        head, decoders, seen = self._head.decode, self._decoders, self._seen
+        head, decoders = self._head.decode, self._decoders
+        found: dict[str, list[bytes]] = {}
         for line in lines:
             try:
                 msg = head(line)
                 if msg.type == "RECORD" and msg.stream in decoders:
-                    keys, decoder = decoders[msg.stream]
+                    names, decoder = decoders[msg.stream]
                     record = decoder.decode(line).record
-                    seen[msg.stream].add(tuple(_raw(getattr(record, k)) for k in keys))
+                    raws = [_raw(getattr(record, name)) for name in names]
+                    found.setdefault(msg.stream, []).append(canonical(raws))
                 elif msg.type == "SCHEMA" and msg.stream is not None:
                     self._on_schema(msg.stream, line)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue  # the relay reports malformed lines; a key we cannot read is no key
+        for stream, keys in found.items():
+            self.keys.add_many(stream, keys)
 
     def _on_schema(self, stream: str, line: Buf) -> None:
         keys = tuple(self._schema.decode(line).key_properties or ())
@@ -56,19 +179,18 @@ class KeyCollector:
         if not keys:
             self._decoders.pop(stream, None)
             return
-        fields = [(f"k{i}", msgspec.Raw, None) for i in range(len(keys))]
+        fields = [(f"k{i}", msgspec.Raw, msgspec.Raw(b"")) for i in range(len(keys))]
         record_type = msgspec.defstruct(
             "KeyValues", fields, rename=dict(zip([f[0] for f in fields], keys, strict=True))
         )
         wrapper = msgspec.defstruct("KeyedRecord", [("record", record_type)])
         names = tuple(f[0] for f in fields)
         self._decoders[stream] = (names, msgspec.json.Decoder(wrapper))
-        self._seen.setdefault(stream, set())
 
     def distinct(self) -> dict[str, int]:
         """Distinct key values per keyed stream."""
-        return {stream: len(values) for stream, values in self._seen.items()}
+        return {stream: self.keys.count(stream) for stream in self.keys.streams()}
 
 
-def _raw(value: msgspec.Raw | None) -> bytes | None:
-    return None if value is None else bytes(value)
+def _raw(value: msgspec.Raw) -> bytes | None:
+    return bytes(value) if len(value) else None  # an empty Raw: the property was missing
