@@ -20,12 +20,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
+from flext_meltano_context import clock
 from flext_meltano_context.errors import LockedError, UsageError
 
 if TYPE_CHECKING:
@@ -42,16 +42,9 @@ def state_id(environment: str, tap: str, target: str, suffix: str | None = None)
     return f"{base}:{suffix}" if suffix else base
 
 
-def utc_now() -> str:
-    """Now as an ISO 8601 UTC string with microseconds."""
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def iso(epoch: float | None) -> str | None:
-    """An epoch time as an ISO 8601 UTC string."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+# Kept importable here for callers of the old names; the format lives in `clock`.
+utc_now = clock.utc_now
+iso = clock.epoch_iso
 
 
 def attach_context(
