@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +24,21 @@ from structlog.testing import capture_logs
 from flext_meltano_context.errors import FlextContextError, UsageError
 from flext_meltano_context.meltano import Meltano, StateServer, meltano_timeout
 from tests.conftest import FAKES
-from tests.test_pipeline_meltano import BIN, events, meltano, stored_state, wrapper
+from tests.test_pipeline_meltano import BIN, events, meltano, stored_state
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 real_meltano = pytest.mark.e2e  # starts Meltano (seconds each), as tests/test_pipeline_meltano.py
 
 FAKE_HELPER = str(FAKES / "meltano_helper.py")
 STATE = json.dumps({"singer_state": {"bookmarks": {"users": {"id": 7}}}})
+
+
+def wrapper(path: Path, script: str, *args: str) -> str:
+    """An executable that runs a fake with this interpreter (Meltano wants one file to exec)."""
+    quoted = " ".join(shlex.quote(arg) for arg in (sys.executable, str(FAKES / script), *args))
+    path.write_text(f'#!/bin/sh\nexec {quoted} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 def make_project(tmp_path: Path, *, say: str | None = None) -> Path:

@@ -197,3 +197,34 @@ def test_standalone_state_out_is_not_replaced_by_an_empty_state(
     else:
         assert after["bookmarks"] == {"users": {"id": 99}}
         assert result.state_persisted
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [("{}", True), ('{"bookmarks": {"users": {"id": 99}}}', False)],
+    ids=["empty-state-kept-out", "real-state-stored"],
+)
+def test_under_meltano_an_empty_state_never_replaces_the_stored_bookmarks(
+    tmp_path: Path, said: str, kept: bool
+) -> None:
+    from tests.test_meltano_server import make_project
+    from tests.test_pipeline_meltano import events, meltano, stored_state
+
+    root = make_project(tmp_path, say=said)
+    sid = "dev:tap-counter-to-target-says"
+    before = {"singer_state": {"bookmarks": {"users": {"id": 4}}}}
+    stored = meltano(root, "--environment=dev", "state", "set", "--force", sid, json.dumps(before))
+    assert stored.returncode == 0, stored.stderr
+    done = meltano(root, "invoke", "flext-context", "run", "tap-counter", "target-says")
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10  # ids 5 to 14
+    after = stored_state(root, sid)
+    if kept:
+        assert after == before
+        assert events(tmp_path, "state_persisted") == []
+        assert "state_ignored" in done.stderr
+    else:
+        assert after["singer_state"]["bookmarks"] == {"users": {"id": 99}}
+        assert len(events(tmp_path, "state_persisted")) == 1
