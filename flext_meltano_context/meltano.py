@@ -1,7 +1,10 @@
 """The few Meltano CLI calls a run makes: plugin lookup, catalog, state get/set, invoke.
 
 Each plugin runs through `meltano invoke` so its config, `env:`, inheritance and settings stay
-Meltano's. Every Meltano start costs about a second, so independent calls run in parallel.
+Meltano's. Every Meltano start costs about a second, so independent calls run in parallel, and
+`StateServer` asks one long-lived helper (`meltano_server.py`) instead. Every answer, of the helper
+or of a `meltano` command, is bounded by `meltano_timeout` (issue 11): a locked or unreachable
+system database gives an error naming it, never a run that waits forever.
 """
 
 from __future__ import annotations
