@@ -126,6 +126,24 @@ def test_the_timeout_setting_is_read_and_bad_values_are_refused_naming_the_varia
         Meltano("meltano", Path(), "dev", {"FLEXT_CONTEXT_MELTANO_TIMEOUT": "soon"})
 
 
+def test_the_helper_imports_only_the_standard_library_and_meltano() -> None:
+    # It runs on Meltano's interpreter, whose venv has no flext-context and none of our deps.
+    import ast
+
+    import flext_meltano_context.meltano_server as server
+
+    tree = ast.parse(Path(server.__file__).read_text())
+    roots = {
+        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    roots = {name.split(".")[0] for name in roots}
+    assert roots - sys.stdlib_module_names <= {"meltano", "sqlalchemy"}
+    assert "meltano" in roots
+
+
 @real_meltano
 def test_the_helper_stores_and_reads_state_with_meltano(root: Path) -> None:
     m = melt(root)
