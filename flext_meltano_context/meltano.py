@@ -1,183 +1,283 @@
 """The few Meltano CLI calls a run makes: plugin lookup, catalog, state get/set, invoke.
 
 Each plugin runs through `meltano invoke` so its config, `env:`, inheritance and settings stay
-Meltano's. Every Meltano start costs about a second, so independent calls run in parallel.
+Meltano's. Every Meltano start costs about a second, so independent calls run in parallel, and
+`StateServer` asks one long-lived helper (`meltano_server.py`) instead. Every answer, of the helper
+or of a `meltano` command, is bounded by `meltano_timeout` (issue 11): a locked or unreachable
+system database gives an error naming it, never a run that waits forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
+
+import structlog
 
 from flext_meltano_context.errors import FlextContextError, UsageError
+from flext_meltano_context.lineage.redact import redact_text
+from flext_meltano_context.meltano_server import REPLY
 
 T = TypeVar("T")
 
-# Run with Meltano's own interpreter: looks plugins up without starting any of them.
-_PLUGIN_INFO = """
-import json, sys
-from meltano.core.project import Project
-from meltano.core.plugin.error import PluginNotFoundError
-project = Project.find()
-out = {}
-for name in sys.argv[1:]:
+TIMEOUT_ENV = "FLEXT_CONTEXT_MELTANO_TIMEOUT"
+DEFAULT_TIMEOUT = 30.0
+# `meltano invoke --dump=catalog|config` runs the tap's discovery: the tap's own work, which can
+# take minutes on a large source, so those commands get at least this long.
+DISCOVERY_TIMEOUT = 600.0
+_SERVER_SCRIPT = Path(__file__).with_name("meltano_server.py")
+# Runs the helper file by path with `-c`, so the helper's own folder (this package, whose module
+# names could shadow what Meltano imports) is not put first on Meltano's sys.path.
+_BOOTSTRAP = (
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+_STDERR_LINES = 20
+
+
+def meltano_timeout(environ: Mapping[str, str]) -> float:
+    """The `meltano_timeout` setting: seconds to wait for each answer about Meltano's database."""
+    text = environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
     try:
-        plugin = project.plugins.find_plugin(name)
-    except PluginNotFoundError:
-        out[name] = None
-        continue
-    out[name] = {"type": str(plugin.type), "capabilities": sorted(plugin.capabilities)}
-print("\\n" + json.dumps(out))
-"""
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UsageError(
+            f"{TIMEOUT_ENV} must be a number of seconds above 0, not {text!r}; "
+            f"unset it for the default of {DEFAULT_TIMEOUT:.0f} s"
+        )
+    return seconds
 
 
-# A small server on Meltano's own interpreter: plugin lookups and state reads/writes in one
-# process that imports Meltano once, so storing each confirmed state costs milliseconds, not the
-# second a `meltano state set` process costs. Replies are marked: Meltano may print on stdout.
-_SERVER = """
-import asyncio, contextlib, json, sys
-out, sys.stdout = sys.stdout, sys.stderr
-def reply(obj):
-    out.write("FLEXT-REPLY " + json.dumps(obj, default=str) + "\\n")
-    out.flush()
-try:
-    from meltano.core.project import Project
-    from meltano.core.plugin.error import PluginNotFoundError
-    project = Project.find()
-    if sys.argv[1]:
-        project.activate_environment(sys.argv[1])
-except Exception as exc:
-    reply({"error": type(exc).__name__ + ": " + str(exc)})
-    sys.exit(1)
-reply({"ok": "ready"})
-service = None
-session = None
-held = {}
-
-def state_service():
-    global service, session
-    if service is None:
-        from meltano.core.db import project_engine
-        from meltano.core.state_service import StateService
-        _, sessionmaker = project_engine(project)
-        session = sessionmaker(future=True)
-        service = StateService(project, session)
-    return service
-
-async def prepare(request):
-    # What `meltano invoke NAME` runs, without starting it: config written, discovery and
-    # catalog rules applied, hooks run; held until "release" (the config file lives until then).
-    from meltano.core.plugin_invoker import invoker_factory
-    state_service()
-    plugin = project.plugins.find_plugin(request["name"])
-    invoker = invoker_factory(project, plugin)
-    stack = contextlib.AsyncExitStack()
-    await stack.enter_async_context(invoker.prepared(session))
-    argv, options, env = await stack.enter_async_context(
-        invoker._invoke(command=request.get("command"))
+def _database(meltano: Meltano, reported: str | None = None) -> str:
+    """Meltano's system database as shown in errors: its URI without a password."""
+    sys_dir = meltano.env.get("MELTANO_SYS_DIR_ROOT") or str(meltano.project_root / ".meltano")
+    uri = (
+        reported
+        or meltano.env.get("MELTANO_DATABASE_URI")
+        or f"sqlite:///{Path(sys_dir) / 'meltano.db'}"  # Meltano's default
     )
-    held[request["name"]] = stack
-    return {"argv": [str(a) for a in argv], "env": {k: str(v) for k, v in env.items()},
-            "cwd": str(options["cwd"]) if options.get("cwd") else None}
+    return redact_text(uri)
 
-async def main():
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        request = json.loads(line)
-        try:
-            op = request["op"]
-            if op == "plugins":
-                found = {}
-                for name in request["names"]:
-                    try:
-                        plugin = project.plugins.find_plugin(name)
-                    except PluginNotFoundError:
-                        found[name] = None
-                        continue
-                    caps = sorted(plugin.capabilities)
-                    found[name] = {"type": str(plugin.type), "capabilities": caps}
-                reply({"ok": found})
-            elif op == "state_get":
-                reply({"ok": state_service().get_state(request["id"])})
-            elif op == "state_set":
-                state_service().set_state(request["id"], request["state"])
-                reply({"ok": True})
-            elif op == "prepare":
-                reply({"ok": await prepare(request)})
-            elif op == "release":
-                stack = held.pop(request["name"], None)
-                if stack is not None:
-                    await stack.aclose()
-                reply({"ok": True})
-            else:
-                reply({"error": "unknown op " + op})
-        except Exception as exc:
-            reply({"error": type(exc).__name__ + ": " + str(exc)})
-    for stack in held.values():
-        await stack.aclose()
 
-asyncio.run(main())
-"""
+def _tail(lines: Iterable[str]) -> str:
+    shown = [redact_text(line.rstrip())[:300] for line in lines if line.strip()]
+    return "\n  ".join(shown[-8:]) or "(nothing on stderr)"
 
 
 class StateServer:
-    """Meltano's state service and plugin lookup in one long-lived child process."""
+    """Meltano's state service and plugin lookup in one long-lived helper process.
 
-    def __init__(self, python: str, meltano: Meltano) -> None:
+    Every answer, `prepare` (which runs a tap's discovery) included, is awaited at most `timeout`
+    seconds; a helper that does not answer in time is killed with its process group and named in
+    the error with its stderr tail, and every later call fails at once, so callers fall back to
+    `meltano` commands. `prepare` falls back by itself: it then answers with the `meltano invoke`
+    command line a run without the helper uses (discovery then runs in `--dump=catalog`, which
+    gets DISCOVERY_TIMEOUT).
+    """
+
+    def __init__(
+        self, meltano: Meltano, argv: Sequence[str], *, timeout: float | None = None
+    ) -> None:
+        self._meltano = meltano
+        self.timeout = meltano.timeout if timeout is None else timeout
         self._lock = threading.Lock()
+        self._replies: queue.Queue[str | None] = queue.Queue()
+        self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        self._failed: str | None = None
+        self._plugins: dict[str, PluginInfo | None] = {}
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.database = _database(meltano)
         self._proc = subprocess.Popen(
-            [python, "-c", _SERVER, meltano.environment or ""],
+            list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env=dict(meltano.env),
             cwd=meltano.project_root,
             text=True,
+            errors="replace",
             start_new_session=True,
         )
-        self._call_reply()  # "ready", or the reason it is not
+        self._readers = [
+            threading.Thread(target=self._read_replies, name="meltano-helper-out", daemon=True),
+            threading.Thread(target=self._read_stderr, name="meltano-helper-err", daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        try:
+            ready = self._await("start", self.timeout)
+        except FlextContextError:
+            self.close()
+            raise
+        if isinstance(ready, dict) and ready.get("database_uri"):
+            self.database = _database(meltano, str(ready["database_uri"]))
 
-    def _call_reply(self) -> Any:
+    def _read_replies(self) -> None:
         assert self._proc.stdout is not None  # noqa: S101 - stdout=PIPE above
-        for line in self._proc.stdout:
-            if line.startswith("FLEXT-REPLY "):
-                reply = json.loads(line[12:])
-                if "error" in reply:
-                    raise FlextContextError(f"Meltano state service: {reply['error']}")
-                return reply["ok"]
-        raise FlextContextError("Meltano state service exited unexpectedly")
+        with contextlib.suppress(ValueError, OSError):  # closed by close() while reading
+            for line in self._proc.stdout:
+                if line.startswith(REPLY):
+                    self._replies.put(line[len(REPLY) :])
+        self._replies.put(None)
+
+    def _read_stderr(self) -> None:
+        # Drained all the time: a chatty helper must never block on a full pipe.
+        assert self._proc.stderr is not None  # noqa: S101 - stderr=PIPE above
+        with contextlib.suppress(ValueError, OSError):
+            for line in self._proc.stderr:
+                self._stderr.append(line)
+
+    def stderr_tail(self) -> str:
+        """The helper's last stderr lines, passwords in URIs redacted."""
+        return _tail(list(self._stderr))
+
+    def _await(self, op: str, bound: float) -> Any:
+        try:
+            item = self._replies.get(timeout=bound)
+        except queue.Empty:
+            if op == "start":
+                self._break(f"the Meltano helper did not start within {bound:.0f} s")
+            what = "the tap's discovery or " if op == "prepare" else ""
+            self._break(
+                f"the Meltano helper did not answer {op!r} within {bound:.0f} s; {what}Meltano's "
+                f"system database ({self.database}) may be locked or unreachable (raise "
+                f"{TIMEOUT_ENV} if it is only slow)"
+            )
+        if item is None:
+            code = self._proc.poll()
+            if code is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self._proc.wait(timeout=2)
+            self._break(f"the Meltano helper exited (code {code}) before answering {op!r}")
+        try:
+            answer = json.loads(item)
+        except ValueError:
+            self._break(f"the Meltano helper answered {op!r} with no JSON: {item[:80]!r}")
+        if not isinstance(answer, dict) or ("ok" not in answer and "error" not in answer):
+            self._break(f"the Meltano helper answered {op!r} with no result: {item[:80]!r}")
+        if "error" in answer:
+            error = redact_text(str(answer["error"]))[:500]
+            if op == "start":
+                self._break(f"the Meltano helper could not start: {error}")
+            raise FlextContextError(f"the Meltano helper failed at {op!r}: {error}")
+        return answer["ok"]
+
+    def _break(self, reason: str) -> NoReturn:
+        """Stop a helper that cannot be trusted any more and raise `reason` with its stderr."""
+        self._kill()
+        for reader in self._readers:
+            reader.join(timeout=2)  # its last stderr lines are the clue
+        self._failed = reason
+        raise FlextContextError(f"{reason}; its last stderr lines:\n  {self.stderr_tail()}")
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)  # its own session: Meltano's children too
+        self._proc.wait()
 
     def call(self, **request: Any) -> Any:
+        """Send one request and wait for its answer, bounded; FlextContextError when it fails.
+
+        `prepare` never fails for the helper's sake: it falls back to `meltano invoke`.
+        """
+        if request.get("op") == "prepare":
+            return self._prepare(str(request["name"]), request.get("command"))
+        return self._call(request)
+
+    def _call(self, request: dict[str, Any]) -> Any:
+        op = str(request.get("op"))
         with self._lock:
+            if self._failed is not None:
+                raise FlextContextError(f"the Meltano helper is not usable: {self._failed}")
             assert self._proc.stdin is not None  # noqa: S101 - stdin=PIPE above
             try:
                 self._proc.stdin.write(json.dumps(request) + "\n")
                 self._proc.stdin.flush()
-            except OSError as exc:
-                raise FlextContextError("Meltano state service is gone") from exc
-            return self._call_reply()
+            except OSError:
+                self._break(f"the Meltano helper is gone (asked for {op!r})")
+            answer = self._await(op, self.timeout)
+        if op == "plugins":
+            self._plugins.update(plugin_infos(answer, request["names"]))
+        return answer
+
+    def _prepare(self, name: str, command: Any) -> dict[str, Any]:
+        request: dict[str, Any] = {"op": "prepare", "name": name}
+        if command is not None:
+            request["command"] = command
+        try:
+            answer = self._call(request)
+            if isinstance(answer, dict) and isinstance(answer.get("argv"), list):
+                return answer
+            raise FlextContextError(f"the Meltano helper prepared {name!r} without a command")
+        except FlextContextError as exc:
+            structlog.get_logger("flext_meltano_context.meltano").warning(
+                "meltano_helper_failed", op="prepare", reason=str(exc), fallback="meltano invoke"
+            )
+        return self._invoke_instead(name, None if command is None else str(command))
+
+    def _invoke_instead(self, name: str, command: str | None) -> dict[str, Any]:
+        """`prepare`'s answer without the helper: `meltano invoke` with a dumped catalog for a tap.
+
+        `meltano invoke TAP ARGS` skips discovery and catalog rules when given any argument (and
+        a resumed tap gets `--state`), so a tap gets the catalog `--dump=catalog` gives.
+        """
+        meltano = self._meltano
+        if name not in self._plugins:
+            self._plugins.update(meltano.plugin_info([name]) or {name: None})
+        info = self._plugins[name]
+        if info is None:
+            raise FlextContextError(
+                f"cannot prepare {name!r}: the Meltano helper failed and the plugin lookup "
+                "without it did not find it; see the warning above"
+            )
+        args: list[str] = []
+        caps = info.capabilities
+        if info.type == "extractors" and command is None and caps & {"catalog", "properties"}:
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="flext-context-catalog-")
+            catalog = Path(self._scratch.name) / f"{name}.catalog.json"
+            meltano.dump_catalog(name, catalog)
+            args = ["--catalog" if "catalog" in caps else "--properties", str(catalog)]
+        plugin = name if command is None else f"{name}:{command}"
+        return {
+            "argv": meltano.invoke_argv(plugin, *args),
+            "env": dict(meltano.env),
+            "cwd": str(meltano.project_root),
+        }
 
     def close(self) -> None:
+        """End the helper (it releases what it prepared), bounded; then its scratch files."""
         with self._lock:
             if self._proc.stdin is not None:
-                self._proc.stdin.close()
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
             try:
-                self._proc.wait(timeout=10)
+                self._proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
+                self._kill()
+            for reader in self._readers:
+                reader.join(timeout=2)
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+            if self._scratch is not None:
+                self._scratch.cleanup()
+                self._scratch = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +296,14 @@ class Meltano:
     environment: str | None
     env: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        meltano_timeout(self.env)  # a bad setting fails here, before any child starts
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for each answer about Meltano's system database (`meltano_timeout`)."""
+        return meltano_timeout(self.env)
+
     def argv(self, *args: str, quiet: bool = False) -> list[str]:
         head = [self.executable]
         if quiet:
@@ -208,30 +316,49 @@ class Meltano:
         """`meltano invoke PLUGIN ARGS...`; `dbt-x:run` style names invoke that command."""
         return self.argv("invoke", plugin, *args)
 
-    def _run(self, args: Sequence[str], what: str, timeout: float = 600) -> str:
+    def _run(
+        self, args: Sequence[str], what: str, timeout: float | None = None, *, hint: str = ""
+    ) -> str:
+        """Run one Meltano command, bounded by `timeout` (the setting when None); its stdout.
+
+        The command gets a session of its own, so a timeout ends Meltano's children as well and
+        nothing keeps the output pipes open after it.
+        """
+        bound = self.timeout if timeout is None else timeout
         try:
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 list(args),
-                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=dict(self.env),
                 cwd=self.project_root,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except OSError as exc:
             raise UsageError(
                 f"cannot run Meltano ({self.executable!r}) for {what}: {exc.strerror}"
             ) from exc
-        except subprocess.TimeoutExpired as exc:
-            raise FlextContextError(f"meltano {what} did not finish in {timeout:.0f} s") from exc
-        if done.returncode != 0:
-            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-8:]
-            shown = "\n  ".join(tail) or "(nothing on stderr)"
+        try:
+            out, err = proc.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            shown = _tail(err.decode("utf-8", "replace").splitlines())
             raise FlextContextError(
-                f"meltano {what} exited with {done.returncode}; last stderr lines:\n  {shown}"
+                f"meltano {what} did not finish within {bound:.0f} s{hint} (raise {TIMEOUT_ENV} "
+                f"if it is only slow); last stderr lines:\n  {shown}"
+            ) from None
+        if proc.returncode != 0:
+            shown = _tail(err.decode("utf-8", "replace").splitlines())
+            raise FlextContextError(
+                f"meltano {what} exited with {proc.returncode}; last stderr lines:\n  {shown}"
             )
-        return done.stdout.decode("utf-8", "replace")
+        return out.decode("utf-8", "replace")
+
+    def _database_hint(self) -> str:
+        return f"; Meltano's system database ({_database(self)}) may be locked or unreachable"
 
     def python(self) -> str | None:
         """The interpreter Meltano runs on (from its script's shebang), None when unknown."""
@@ -245,39 +372,57 @@ class Meltano:
         parts = first[2:].decode("utf-8", "replace").split()
         return parts[0] if len(parts) == 1 and Path(parts[0]).exists() else None
 
-    def plugin_info(self, names: Sequence[str]) -> dict[str, PluginInfo | None] | None:
-        """Look plugins up in the project; None when Meltano's interpreter is not usable."""
+    def helper_argv(self, *args: str) -> list[str] | None:
+        """The helper (`meltano_server.py`) on Meltano's interpreter; None when that is unknown.
+
+        `FLEXT_CONTEXT_MELTANO_HELPER` names another helper file: the seam tests use to put a
+        fault into a real run.
+        """
         python = self.python()
         if python is None:
             return None
+        script = self.env.get("FLEXT_CONTEXT_MELTANO_HELPER") or str(_SERVER_SCRIPT)
+        return [python, "-c", _BOOTSTRAP, script, *args]
+
+    def plugin_info(self, names: Sequence[str]) -> dict[str, PluginInfo | None] | None:
+        """Look plugins up in the project; None when Meltano's interpreter is not usable."""
+        argv = self.helper_argv("plugins", *names)
+        if argv is None:
+            return None
         try:
-            text = self._run([python, "-c", _PLUGIN_INFO, *names], "plugin lookup")
-            decoded = json.loads(text.strip().splitlines()[-1])
-        except (FlextContextError, ValueError, IndexError):
+            text = self._run(argv, "plugin lookup")
+            marked = [line for line in text.splitlines() if line.startswith(REPLY)]
+            decoded = json.loads(marked[-1][len(REPLY) :])["ok"]
+        except (FlextContextError, ValueError, IndexError, KeyError, TypeError) as exc:
+            structlog.get_logger("flext_meltano_context.meltano").info(
+                "meltano_plugin_lookup_failed", reason=str(exc)[:500]
+            )
             return None
         return plugin_infos(decoded, names)
 
     def state_server(self) -> StateServer | None:
         """A StateServer on Meltano's interpreter, None when that is not usable here."""
-        python = self.python()
-        if python is None:
+        argv = self.helper_argv("serve", self.environment or "")
+        if argv is None:
             return None
         try:
-            return StateServer(python, self)
+            return StateServer(self, argv)
         except (OSError, FlextContextError, ValueError) as exc:
-            import structlog
-
-            structlog.get_logger().info("meltano_state_server_unavailable", reason=str(exc))
+            structlog.get_logger("flext_meltano_context.meltano").warning(
+                "meltano_state_server_unavailable", reason=str(exc), fallback="meltano commands"
+            )
             return None
 
     def dump_catalog(self, tap: str, dest: Path) -> None:
         """The tap's catalog with the project's select/metadata rules applied, written to `dest`."""
         text = self._run(
-            self.argv("invoke", "--dump=catalog", tap, quiet=True), f"invoke --dump=catalog {tap}"
+            self.argv("invoke", "--dump=catalog", tap, quiet=True),
+            f"invoke --dump=catalog {tap}",
+            max(DISCOVERY_TIMEOUT, self.timeout),
         )
         dest.write_text(text, encoding="utf-8")
 
-    def dump_config(self, plugin: str, *, timeout: float = 600) -> dict[str, Any]:
+    def dump_config(self, plugin: str, *, timeout: float = DISCOVERY_TIMEOUT) -> dict[str, Any]:
         """The plugin's resolved config (`meltano invoke --dump=config`); it holds secrets."""
         text = self._run(
             self.argv("invoke", "--dump=config", plugin, quiet=True),
@@ -296,7 +441,11 @@ class Meltano:
 
     def state_get(self, state_id: str) -> dict[str, Any] | None:
         """The stored Singer state value for `state_id`, None when there is none."""
-        text = self._run(self.argv("state", "get", state_id, quiet=True), f"state get {state_id}")
+        text = self._run(
+            self.argv("state", "get", state_id, quiet=True),
+            f"state get {state_id}",
+            hint=self._database_hint(),
+        )
         lines = [line for line in text.splitlines() if line.strip().startswith("{")]
         if not lines:
             return None
@@ -315,6 +464,7 @@ class Meltano:
         self._run(
             self.argv("state", "set", "--force", state_id, payload, quiet=True),
             f"state set {state_id}",
+            hint=self._database_hint(),
         )
 
 

@@ -20,12 +20,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
+from flext_meltano_context import clock
 from flext_meltano_context.errors import LockedError, UsageError
 
 if TYPE_CHECKING:
@@ -42,16 +42,9 @@ def state_id(environment: str, tap: str, target: str, suffix: str | None = None)
     return f"{base}:{suffix}" if suffix else base
 
 
-def utc_now() -> str:
-    """Now as an ISO 8601 UTC string with microseconds."""
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def iso(epoch: float | None) -> str | None:
-    """An epoch time as an ISO 8601 UTC string."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+# Kept importable here for callers of the old names; the format lives in `clock`.
+utc_now = clock.utc_now
+iso = clock.epoch_iso
 
 
 def attach_context(
@@ -262,11 +255,25 @@ def _describe(holder: Mapping[str, Any]) -> str:
     )
 
 
+def is_empty_state(value: Mapping[str, Any]) -> bool:
+    """True for a state that must never replace a stored one: nothing but our own stamp.
+
+    Meltano 4.4's BookmarkWriter (`core/plugin/singer/target.py`) skips a target state that is
+    falsy after `json.loads` ("Received empty state"): for the objects a target confirms, that is
+    exactly `{}`. `{"bookmarks": {}}` is not falsy and Meltano stores it, so we do too. Our own
+    `flext_context` key is no content of the tap's: a state holding only it (a target echoing an
+    injected stamp on an empty state) is empty as well, or its persisting would drop the bookmarks.
+    """
+    return not any(key != CONTEXT_KEY for key in value)
+
+
 class Persister:
     """Persists each state the target confirms, coalescing: the latest always wins and lands.
 
     Runs on its own thread so a slow store (`meltano state set` costs a second) never stalls the
-    target's stdout reader; `finish()` waits until the last confirmed state is stored.
+    target's stdout reader; `finish()` waits until the last confirmed state is stored. An empty
+    state (`is_empty_state`) is never stored, in Meltano mode and with `--state-out` alike: it is
+    counted in `ignored_empty` for the lineage log.
     """
 
     def __init__(self, write: Callable[[dict[str, Any]], None], identity: RunIdentity):
@@ -277,12 +284,23 @@ class Persister:
         self._cond = threading.Condition()
         self.confirmed = 0
         self.persisted = 0
+        self.ignored_empty = 0  # empty states the target printed, never persisted (issue 10)
         self.last_written_at: str | None = None
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._loop, name="state-persister", daemon=True)
         self._thread.start()
 
     def offer(self, value: dict[str, Any]) -> None:
+        """Take a state the target printed; an empty one is counted in `ignored_empty`, not kept."""
+        if is_empty_state(value):
+            with self._cond:
+                self.ignored_empty += 1
+            log.warning(
+                "state_ignored",
+                reason="the target confirmed an empty state; storing it would replace the "
+                "stored bookmarks (Meltano's BookmarkWriter skips it too)",
+            )
+            return
         with self._cond:
             self.confirmed += 1
             self._pending = value

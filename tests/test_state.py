@@ -112,3 +112,119 @@ def test_atomic_writes_get_the_mode_a_plain_write_would_give(tmp_path: Path) -> 
     write_text_atomic(kept, '{"a": 1}')
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert kept.read_text() == '{"a": 1}'
+
+
+EMPTY_STAMP = {"flext_context": {"correlation_id": "c", "run_id": "r", "written_at": "t"}}
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ({}, False),  # Meltano's BookmarkWriter skips it: it would replace the bookmarks
+        (EMPTY_STAMP, False),  # only our own stamp: the tap's part is empty
+        ({"bookmarks": {}}, True),  # not falsy: Meltano stores it, so do we
+        ({"bookmarks": {"users": {"id": 3}}}, True),
+        ({"currently_syncing": None}, True),
+    ],
+    ids=["empty", "only-our-stamp", "empty-bookmarks", "bookmarks", "other-key"],
+)
+def test_an_empty_state_is_counted_as_ignored_and_never_written(
+    value: dict[str, object], stored: bool
+) -> None:
+    from flext_meltano_context.runenv import identity_from_env
+    from flext_meltano_context.state import Persister
+
+    written: list[dict[str, object]] = []
+    persister = Persister(written.append, identity_from_env({}, job_name="tap-to-target"))
+    with capture_logs() as logs:
+        persister.offer(value)
+    persister.finish()
+    assert (persister.persisted, persister.confirmed, persister.ignored_empty) == (
+        (1, 1, 0) if stored else (0, 0, 1)
+    )
+    assert [{k: v for k, v in w.items() if k != "flext_context"} for w in written] == (
+        [{k: v for k, v in value.items() if k != "flext_context"}] if stored else []
+    )
+    assert [e["event"] for e in logs] == ([] if stored else ["state_ignored"])
+
+
+def test_an_empty_state_after_a_real_one_keeps_the_real_one() -> None:
+    from flext_meltano_context.runenv import identity_from_env
+    from flext_meltano_context.state import Persister
+
+    written: list[dict[str, object]] = []
+    persister = Persister(written.append, identity_from_env({}, job_name="tap-to-target"))
+    persister.offer({"bookmarks": {"users": {"id": 3}}})
+    persister.offer({})
+    persister.finish()
+    assert [w["bookmarks"] for w in written] == [{"users": {"id": 3}}]
+    assert persister.ignored_empty == 1
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [("{}", True), ('{"bookmarks": {"users": {"id": 99}}}', False)],
+    ids=["empty-state-kept-out", "real-state-stored"],
+)
+def test_standalone_state_out_is_not_replaced_by_an_empty_state(
+    tmp_path: Path, said: str, kept: bool
+) -> None:
+    import os
+
+    from flext_meltano_context.pipeline import PipelineSpec, Settings, execute
+    from tests.conftest import fake
+
+    state_file = tmp_path / "state.json"
+    before = {"bookmarks": {"users": {"id": 4}}}
+    state_file.write_text(json.dumps(before))
+    spec = PipelineSpec(
+        tap="tap",
+        target="target",
+        tap_cmd=tuple(fake("tap_counter.py", "--records", "3")),
+        target_cmd=tuple(fake("target_says.py", str(tmp_path / "out.jsonl"), "--say", said)),
+        state_in=state_file,
+        state_out=state_file,
+    )
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3)
+    result = execute(spec, environ=dict(os.environ), settings=settings)
+    assert result.status == "success"
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3  # records 5, 6, 7
+    after = json.loads(state_file.read_text())
+    if kept:
+        assert after == before
+        assert not result.state_persisted
+    else:
+        assert after["bookmarks"] == {"users": {"id": 99}}
+        assert result.state_persisted
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [("{}", True), ('{"bookmarks": {"users": {"id": 99}}}', False)],
+    ids=["empty-state-kept-out", "real-state-stored"],
+)
+def test_under_meltano_an_empty_state_never_replaces_the_stored_bookmarks(
+    tmp_path: Path, said: str, kept: bool
+) -> None:
+    from tests.test_meltano_server import make_project
+    from tests.test_pipeline_meltano import events, meltano, stored_state
+
+    root = make_project(tmp_path, say=said)
+    sid = "dev:tap-counter-to-target-says"
+    before = {"singer_state": {"bookmarks": {"users": {"id": 4}}}}
+    stored = meltano(root, "--environment=dev", "state", "set", "--force", sid, json.dumps(before))
+    assert stored.returncode == 0, stored.stderr
+    done = meltano(root, "invoke", "flext-context", "run", "tap-counter", "target-says")
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10  # ids 5 to 14
+    after = stored_state(root, sid)
+    if kept:
+        assert after == before
+        assert events(tmp_path, "state_persisted") == []
+        assert "state_ignored" in done.stderr
+    else:
+        assert after["singer_state"]["bookmarks"] == {"users": {"id": 99}}
+        assert len(events(tmp_path, "state_persisted")) == 1

@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from flext_meltano_context.clock import iso as iso  # one home for timestamps (issue 11)
 from flext_meltano_context.errors import FlextContextError
 
 FORMAT_VERSION = 1
@@ -71,15 +72,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (Path, bytes)):
         return os.fsdecode(value) if isinstance(value, Path) else value.decode("utf-8", "replace")
     raise TypeError(f"lineage data must be JSON: {type(value).__name__} is not")
-
-
-def iso(moment: dt.datetime | None = None) -> str:
-    """An ISO 8601 UTC timestamp with microseconds and a `Z`."""
-    moment = moment or dt.datetime.now(dt.timezone.utc)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    text = moment.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
-    return text.replace("+00:00", "Z")
 
 
 def line_hash(line: bytes) -> str | None:
