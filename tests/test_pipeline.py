@@ -191,7 +191,8 @@ def test_target_exiting_early_with_zero_still_fails_the_run(tmp_path: Path) -> N
         fake("target_collect.py", str(tmp_path / "o"), "--exit-zero-after", "3"),
     )
     assert result.status == "failed"
-    assert "before the end of its input" in str(result.error)
+    assert "target 'target_collect.py' exited 0 after reading" in str(result.error)
+    assert "records never reached it" in str(result.error)
     assert_no_orphans(pids)
 
 
