@@ -674,3 +674,33 @@ def test_the_spec_types_are_importable_from_the_pipeline_too() -> None:
     assert pipeline.PhaseResult is spec.PhaseResult
     assert pipeline.PipelineSpec is spec.PipelineSpec
     assert pipeline.Settings is spec.Settings
+
+
+def test_a_counting_error_marks_counts_incomplete_and_checks_nothing_against_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from flext_meltano_context import pipeline
+
+    real = pipeline.relay
+
+    def relay_that_lost_count(*args: Any, **kwargs: Any) -> Any:
+        # The seam: a real relay whose counting broke (forwarding goes on, as relay.py does).
+        return replace(real(*args, **kwargs), counting_error="ValueError: a counting bug")
+
+    monkeypatch.setattr(pipeline, "relay", relay_that_lost_count)
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3)
+    result = execute(
+        spec(fake("tap_counter.py", "--records", "4"), fake("target_head.py")),
+        environ=dict(os.environ),
+        settings=settings,
+    )
+    assert result.status == "success"  # every byte was forwarded; only the counts are unsure
+    assert result.counting_error == "ValueError: a counting bug"
+    assert completed_data(tmp_path)["counting_error"] == "ValueError: a counting bug"
+    assert "counts incomplete: the relay stopped counting: ValueError" in "\n".join(result.notes())
+    landed = next(e for e in events(tmp_path) if e["event"] == "landing")["data"]["streams"]
+    assert [(row["stream"], row["status"]) for row in landed] == [("users", "not checked")]
+    assert landed[0]["reason"] == "the relay's counts are incomplete: ValueError: a counting bug"
+    assert not any(e["event"] == "cross_checks" for e in events(tmp_path))
