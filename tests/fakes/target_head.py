@@ -14,14 +14,22 @@ import time
 from pathlib import Path
 
 
-def read_lines(limit: int) -> None:
-    """Read `limit` whole lines from fd 0 without taking a byte more."""
+def read_lines(limit: int, confirm: bool) -> None:
+    """Read `limit` whole lines from fd 0 without taking a byte more; confirm STATEs if asked."""
+    line = bytearray()
     seen = 0
     while seen < limit:
         byte = os.read(0, 1)
         if not byte:
             return
-        seen += byte == b"\n"
+        line += byte
+        if byte == b"\n":
+            seen += 1
+            message = json.loads(line)
+            if confirm and message["type"] == "STATE":
+                sys.stdout.write(json.dumps(message["value"]) + "\n")
+                sys.stdout.flush()
+            line.clear()
 
 
 def read_all() -> bytes | None:
@@ -42,12 +50,13 @@ def main() -> int:
     parser.add_argument("--code", type=int, default=0)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before reading")
     parser.add_argument("--pid-dir", type=Path, default=None)
+    parser.add_argument("--confirm-states", action="store_true", help="print each STATE read")
     args = parser.parse_args()
     if args.pid_dir is not None:
         (args.pid_dir / f"target-{os.getpid()}.pid").write_text(str(os.getpid()))
     time.sleep(args.delay)
     if args.lines >= 0:
-        read_lines(args.lines)
+        read_lines(args.lines, args.confirm_states)
     else:
         last = read_all()
         if last is not None:
