@@ -12,6 +12,7 @@ import collections
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import structlog
+
+from flext_meltano_context.errors import UsageError
 
 TAIL_LINES = 50
 _READER_DONE = re.compile(r"Reader '([^']*)' completed processing (\d+) lines of input")
@@ -79,10 +84,6 @@ class Metrics:
 
 def _debug_echo(name: str) -> Callable[[str], None] | None:
     """Each stderr line as a debug event when debug logging is on (`--log-level DEBUG`)."""
-    import logging
-
-    import structlog
-
     log = structlog.get_logger("flext_meltano_context.children")
     if not log.is_enabled_for(logging.DEBUG):
         return None
@@ -187,8 +188,6 @@ class Watchdog:
 
 
 def _log() -> Any:
-    import structlog
-
     return structlog.get_logger("flext_meltano_context.children")
 
 
@@ -235,8 +234,6 @@ class Child:
                 preexec_fn=_die_with_parent if _PRCTL is not None else None,
             )
         except OSError as exc:
-            from flext_meltano_context.errors import UsageError
-
             raise UsageError(
                 f"cannot start {name} ({argv[0]!r}): {exc.strerror}; check the command "
                 "and that the plugin is installed"

@@ -243,8 +243,8 @@ def _run(run: _Run, progress: Callable[[RelayProgress], None] | None) -> RunResu
     """Extract and load, judge, record, check what landed, run the blocks: one sitting."""
     if run.prepared.loaded is not None:
         run.recorder.record("state_loaded", run.prepared.loaded.event_data(run.prepared.state_id))
-    check, keys = _landing_check(run)
     with stopping.supervised(run.conf.grace_seconds, run.conf.timeout_seconds) as stopper:
+        check, keys = _landing_check(run)  # a signal meanwhile ends the run as aborted
         el = _extract_load(run, stopper, keys, progress)
         verdict = judge(el.outcome)
         checks = _record_el(run, el, verdict)

@@ -16,6 +16,8 @@ behind whatever happens, in one context manager.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -243,4 +245,7 @@ def supervised(grace: float, timeout: float | None = None) -> Iterator[Stopper]:
 
 
 def _tell(message: str) -> None:
-    print(f"flext-context: {message}", file=sys.stderr)  # noqa: T201 - the user at the terminal
+    """A line to the user at the terminal, safe inside a signal handler (no buffered writer)."""
+    data = f"flext-context: {message}\n".encode()
+    with contextlib.suppress(OSError):
+        os.write(sys.stderr.fileno(), data)

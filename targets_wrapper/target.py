@@ -66,7 +66,8 @@ class Target:
         # Our own read end: FIONREAD after the target exited. While we hold it the relay's
         # writes would never fail, so it is closed the moment the target exits mid-stream.
         self._probe: int | None = read_end
-        self._lock = threading.Lock()
+        # Reentrant: a second signal's handler cuts the input on the thread that may hold it.
+        self._lock = threading.RLock()
         self.name = name
         self.states = 0
         self.other_lines = 0
