@@ -297,3 +297,16 @@ def test_a_lineage_write_failing_mid_run_is_reported_and_the_run_ends_normally(
     assert lines_in(out) == 20
     assert json.loads(state_out.read_text())["bookmarks"] == {"users": {"id": 20}}
     assert_released(tmp_path, locked_runs)
+
+
+def test_a_childs_exit_time_is_when_it_exited_not_when_it_was_reaped() -> None:
+    from flext_meltano_context.children import Child
+
+    argv = [sys.executable, "-c", "pass"]
+    child = Child("quick", argv, dict(os.environ), stdin=None, stdout=None)
+    wait_until(child.exited.is_set, "the child exited", seconds=10)
+    time.sleep(1.5)  # the run loop busy elsewhere
+    exit_ = child.wait()
+    assert exit_.returncode == 0
+    assert exit_.ended_at - exit_.started_at < 1.0
+    assert time.time() - exit_.ended_at >= 1.5
