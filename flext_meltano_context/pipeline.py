@@ -472,6 +472,10 @@ def _el_phases(run: _Run, el: _Loaded, verdict: Verdict) -> tuple[PhaseResult, P
     target_metrics: dict[str, Any] = {k: dict(v) for k, v in el.target_metrics.items()}
     if el.target_lines is not None:
         target_metrics["lines_processed"] = el.target_lines
+    delivery = el.outcome.delivery  # what reached the target, as measured (issue 10)
+    target_metrics["bytes_written"] = delivery.bytes_written
+    target_metrics["bytes_unread"] = delivery.bytes_unread
+    target_metrics["end_of_input_first"] = delivery.input_closed_first
     extract = _phase(run, "extract", run.tap_name, verdict.extract, tap, dict(el.tap_metrics))
     load = _phase(run, "load", run.target_name, verdict.load, target, target_metrics)
     return extract, load

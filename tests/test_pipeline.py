@@ -563,6 +563,13 @@ def test_a_target_exiting_early_keeps_the_states_it_confirmed(tmp_path: Path) ->
     )
     assert result.status == "failed"
     assert str(result.error).endswith("; 9 records never reached it")
+    load = next(
+        e
+        for e in events(tmp_path)
+        if e["event"] == "phase_completed" and e["data"]["phase"] == "load"
+    )["data"]["metrics"]
+    assert load["bytes_unread"] > 0
+    assert load["end_of_input_first"] is True
     assert json.loads(state_out.read_text())["bookmarks"] == {"users": {"id": 10}}
     assert result.confirmed_states == 2
 
