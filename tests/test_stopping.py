@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from flext_meltano_context import preflight
+from flext_meltano_context import preflight, stopping
 from flext_meltano_context.lineage.log import LineageLogError
 from flext_meltano_context.pipeline import PipelineSpec, Settings, execute
 from flext_meltano_context.state import StateLock
@@ -310,3 +310,112 @@ def test_a_childs_exit_time_is_when_it_exited_not_when_it_was_reaped() -> None:
     assert exit_.returncode == 0
     assert exit_.ended_at - exit_.started_at < 1.0
     assert time.time() - exit_.ended_at >= 1.5
+
+
+# -- the rules step by step, on a clock the test turns (real processes, no waiting) -----------
+
+DEAF = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ready', flush=True); time.sleep(60)"
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def deaf_pair(stopper: stopping.Stopper) -> tuple[Any, Any]:
+    """A tap and a target that both ignore SIGTERM and never read or write."""
+    env = dict(os.environ)
+    target = stopper.start_target("target", [sys.executable, "-c", DEAF], env, lambda _v: None)
+    tap = stopper.start_tap("tap", [sys.executable, "-c", DEAF], env)
+    # Both deaf before the test signals them: the tap's line on our pipe, the target's seen.
+    said = b""
+    while not said.endswith(b"\n"):
+        said += os.read(tap.stdout, 6)
+    assert said == b"ready\n"
+    wait_until(lambda: target.other_lines == 1, "the target ready", seconds=10)
+    return tap, target
+
+
+def at(clock: Clock, stopper: stopping.Stopper, seconds: float) -> None:
+    clock.now = 1000.0 + seconds
+    stopper.tick()
+
+
+@pytest.mark.parametrize(("grace", "tap_killed_at"), [(20.0, 10.0), (4.0, 4.0)])
+def test_one_deadline_from_the_first_signal(grace: float, tap_killed_at: float) -> None:
+    clock = Clock()
+    stopper = stopping.Stopper(grace, clock=clock)
+    tap, target = deaf_pair(stopper)
+    try:
+        stopper._handle(signal.SIGTERM, None)  # as the signal would call it
+        assert (tap.child.signalled, target.child.signalled) == (signal.SIGTERM, None)
+        at(clock, stopper, tap_killed_at - 0.1)
+        assert not tap.child.exited.wait(0.3)  # it ignores SIGTERM and is not killed yet
+        assert (target.child.signalled,) == (None,)  # the target may still confirm a state
+        if grace > tap_killed_at:
+            at(clock, stopper, tap_killed_at)
+            assert tap.child.wait(5).returncode == -signal.SIGKILL
+            at(clock, stopper, grace - 0.1)
+            assert (target.child.signalled,) == (None,)
+        at(clock, stopper, grace)
+        assert tap.child.wait(5).returncode == -signal.SIGKILL
+        assert target.child.signalled == signal.SIGTERM
+        assert target.stdin is not None  # replaced by a dead pipe: the next relay write fails
+        with pytest.raises(BrokenPipeError):
+            os.write(target.stdin, b"x\n")
+        at(clock, stopper, grace + 4.9)
+        assert not target.child.exited.wait(0.3)
+        at(clock, stopper, grace + 5)
+        assert target.child.wait(5).returncode == -signal.SIGKILL
+    finally:
+        stopper.cleanup()
+
+
+def test_a_second_signal_kills_everything_at_once() -> None:
+    clock = Clock()
+    stopper = stopping.Stopper(20.0, clock=clock)
+    tap, target = deaf_pair(stopper)
+    try:
+        stopper._handle(signal.SIGINT, None)
+        stopper._handle(signal.SIGINT, None)
+        assert tap.child.wait(5).returncode == -signal.SIGKILL
+        assert target.child.wait(5).returncode == -signal.SIGKILL
+        assert stopper.hard
+    finally:
+        stopper.cleanup()
+
+
+def test_the_timeout_starts_the_same_stop() -> None:
+    clock = Clock()
+    stopper = stopping.Stopper(20.0, timeout=30.0, clock=clock)
+    tap, _target = deaf_pair(stopper)
+    try:
+        at(clock, stopper, 29.9)
+        assert (stopper.stopping, tap.child.signalled) == (False, None)
+        at(clock, stopper, 30.0)
+        assert (stopper.timed_out_after, tap.child.signalled) == (30.0, signal.SIGTERM)
+        assert stopper.signum is None
+    finally:
+        stopper.cleanup()
+
+
+def test_a_tap_without_a_reader_gets_at_most_5_s() -> None:
+    clock = Clock()
+    stopper = stopping.Stopper(20.0, clock=clock)
+    tap, _target = deaf_pair(stopper)
+    try:
+        stopper.target_gone()
+        assert tap.child.signalled == signal.SIGTERM
+        at(clock, stopper, 4.9)
+        assert not tap.child.exited.wait(0.3)
+        at(clock, stopper, 5.0)
+        assert tap.child.wait(5).returncode == -signal.SIGKILL
+        assert not stopper.stopping  # a failure, not a stop: the run is not "aborted"
+    finally:
+        stopper.cleanup()
