@@ -178,6 +178,12 @@ class CrossCheck:
     def status(self) -> str:
         return "ok" if self.expected == self.reported else "count_mismatch"
 
+    @property
+    def label(self) -> str:
+        """`target lines` or `tap record_count users`, for a person."""
+        what = "target lines" if self.kind == "target_lines" else "tap record_count"
+        return f"{what} {self.stream}" if self.stream else what
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -234,13 +240,15 @@ class RunResult:
             lines.append(f"  timed out after {self.timed_out_after:g} s")
         if self.counting_error is not None:
             lines.append(f"  counts incomplete: the relay stopped counting: {self.counting_error}")
+        ok = [check.label for check in self.cross_checks if check.status == "ok"]
+        if ok:
+            lines.append(f"  cross-checks ok: {', '.join(ok)}")
         for check in self.cross_checks:
-            where = f" {check.stream}" if check.stream else ""
-            what = "target read lines" if check.kind == "target_lines" else "tap record_count"
-            lines.append(
-                f"  cross-check {what}{where}: {check.status} (relayed {check.expected:,}, "
-                f"reported {check.reported:,})"
-            )
+            if check.status != "ok":
+                lines.append(
+                    f"  cross-check {check.label}: count_mismatch (relayed {check.expected:,}, "
+                    f"reported {check.reported:,})"
+                )
         if self.lineage_error is not None:
             lines.append(f"  lineage log incomplete: {self.lineage_error}")
         return lines

@@ -592,6 +592,7 @@ def test_cross_checks_compare_the_plugins_counts_with_the_relays(tmp_path: Path)
     assert (tap_check["stream"], tap_check["expected"], tap_check["reported"]) == ("users", 7, 7)
     assert result.anomaly_count == 0
     assert completed_data(tmp_path)["counting_error"] is None
+    assert "  cross-checks ok: target lines, tap record_count users" in result.notes()
 
 
 def test_a_tap_metric_that_disagrees_is_a_count_mismatch_anomaly(tmp_path: Path) -> None:
@@ -616,6 +617,9 @@ def test_a_tap_metric_that_disagrees_is_a_count_mismatch_anomaly(tmp_path: Path)
         2,
     )
     assert check.status == "count_mismatch"
+    assert "  cross-check tap record_count s: count_mismatch (relayed 1, reported 2)" in (
+        result.notes()
+    )
     anomalies = next(e for e in events(tmp_path) if e["event"] == "anomalies")["data"]
     assert [a["kind"] for a in anomalies["first"]] == ["count_mismatch"]
     assert result.anomaly_count == 1
