@@ -105,6 +105,13 @@ def main() -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Standalone: the target's config, to count what landed (default: its --config).",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop the run gracefully after SECONDS, as on SIGTERM, and exit 1 "
+    "(default: $FLEXT_CONTEXT_TIMEOUT, else $MELTANO_RUN_TIMEOUT).",
+)
 @_exits
 def run(
     plugins: tuple[str, ...],
@@ -117,6 +124,7 @@ def run(
     state_id_suffix: str | None,
     force: bool,
     target_config: Path | None,
+    timeout: float | None,
 ) -> None:
     """Run TAP TARGET [TRANSFORMER:COMMAND ...] with one correlation id, counted and recorded.
 
@@ -126,11 +134,13 @@ def run(
     Exit codes: 0 success, 1 a failed run, 2 bad usage (nothing started), 130/143 stopped by a
     signal. A summary goes to stderr; the lineage log gets every event of the run.
     """
+    import dataclasses
     import shlex
 
     from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.pipeline import PipelineSpec, execute, step_name
+    from flext_meltano_context.pipeline import execute
     from flext_meltano_context.progress import Progress, summary
+    from flext_meltano_context.spec import PipelineSpec, Settings, step_name
 
     standalone = tap_cmd is not None or target_cmd is not None
     if standalone:
@@ -174,12 +184,15 @@ def run(
             force=force,
             target_config=target_config,
         )
+    settings = Settings.from_env()
+    if timeout is not None:
+        settings = dataclasses.replace(settings, timeout_seconds=timeout)
     progress = Progress()
     try:
-        result = execute(spec, progress=progress)
+        result = execute(spec, progress=progress, settings=settings)
     finally:
         progress.finish()
-    click.echo(summary(result), err=True)
+    click.echo("\n".join([summary(result), *result.notes()]), err=True)
     if result.error is not None:
         raise result.error
 

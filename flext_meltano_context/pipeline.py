@@ -2,30 +2,31 @@
 
 Meltano mode (under `meltano invoke`, `MELTANO_PROJECT_ROOT` set) launches every plugin as
 `meltano invoke` would (see `preflight`) and keeps state exactly as `meltano run` does; standalone
-mode runs any Singer commands with `--state`/`--state-out` files. Both share the relay, the child
-environment, timing, failure semantics and the lineage record. `execute()` returns a RunResult
+mode runs any Singer commands with `--state`/`--state-out` files. `execute()` returns a RunResult
 and raises only for bad input found before any child starts; `run_pipeline()` raises the run's
-error as well. How a run stops on a signal lives in `stopping`.
+error as well.
+
+Read top to bottom: `execute` prepares and cleans up; `_run` starts the children under one
+`stopping.supervised` block, `_extract_load` relays and gathers the facts into an `Outcome`,
+`outcome.judge` says what they mean, then the record, the landing check and the blocks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 
-from flext_meltano_context import preflight, runenv, state, stopping
+from flext_meltano_context import dbt, ids, landing, preflight, runenv, state, stopping
 from flext_meltano_context.__about__ import __version__
+from flext_meltano_context.children import Exit
 from flext_meltano_context.errors import (
     AbortedError,
     FlextContextError,
@@ -33,150 +34,33 @@ from flext_meltano_context.errors import (
     StrictModeError,
     UsageError,
 )
+from flext_meltano_context.keys import KeyCollector
+from flext_meltano_context.lineage.ci import ci_context
+from flext_meltano_context.lineage.recorder import Recorder
+from flext_meltano_context.outcome import Delivery, Outcome, RecentLines, Verdict, judge
+from flext_meltano_context.relay import Injection, RelayProgress, RelayStats, relay
+from flext_meltano_context.spec import (
+    CrossCheck,
+    PhaseResult,
+    PipelineSpec,
+    RunResult,
+    Settings,
+    step_name,
+)
+from taps_wrapper.tap import Tap
+from targets_wrapper.target import Target
 
-if TYPE_CHECKING:
-    from flext_meltano_context.children import Exit
-    from flext_meltano_context.dbt import DbtPhase
-    from flext_meltano_context.keys import KeyCollector
-    from flext_meltano_context.landing import Check, Landing
-    from flext_meltano_context.lineage.recorder import Recorder
-    from flext_meltano_context.relay import RelayProgress, RelayStats
-    from taps_wrapper.tap import Tap
-    from targets_wrapper.target import Target
+__all__ = [
+    "PhaseResult",
+    "PipelineSpec",
+    "RunResult",
+    "Settings",
+    "execute",
+    "run_pipeline",
+    "step_name",
+]
 
 log = structlog.get_logger("flext_meltano_context.pipeline")
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The plugin's settings, read from `FLEXT_CONTEXT_*` in this one place."""
-
-    lineage_path: Path
-    inject_state: bool = False  # merge flext_context into the STATE messages the target sees
-    record_column_streams: frozenset[str] = frozenset()  # streams given _sdc_correlation_id
-    strict: bool = False
-    grace_seconds: float = 30.0  # how long a stopped child may take to finish cleanly
-    meltano_server: bool = True  # prepare plugins and store state in one Meltano process
-    landing: bool = True  # count what landed in the destination after the load (issue 7)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        from flext_meltano_context.lineage import default_log_path
-
-        env = os.environ if environ is None else environ
-        streams = env.get("FLEXT_CONTEXT_RECORD_COLUMN_STREAMS", "")
-        grace = env.get("FLEXT_CONTEXT_GRACE_SECONDS", "")
-        try:
-            grace_seconds = float(grace) if grace else 30.0
-        except ValueError as exc:
-            raise UsageError(
-                f"FLEXT_CONTEXT_GRACE_SECONDS={grace[:20]!r} is not a number of seconds"
-            ) from exc
-        return cls(
-            lineage_path=default_log_path(env),
-            inject_state=env.get("FLEXT_CONTEXT_INJECT_STATE", "").lower() in _TRUE,
-            record_column_streams=frozenset(s.strip() for s in streams.split(",") if s.strip()),
-            strict=env.get("FLEXT_CONTEXT_STRICT", "").lower() in _TRUE,
-            grace_seconds=grace_seconds,
-            meltano_server=env.get("FLEXT_CONTEXT_MELTANO_SERVER", "").lower()
-            not in {"0", "false", "no", "off"},
-            landing=env.get("FLEXT_CONTEXT_LANDING", "").lower() not in {"0", "false", "no", "off"},
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineSpec:
-    """What to run. Meltano mode names plugins; standalone mode gives their commands."""
-
-    tap: str
-    target: str
-    transformers: tuple[str, ...] = ()  # Meltano `dbt-x:run` blocks
-    tap_cmd: tuple[str, ...] | None = None  # standalone
-    target_cmd: tuple[str, ...] | None = None
-    transform_cmds: tuple[tuple[str, ...], ...] = ()  # standalone commands run after the load
-    state_in: Path | None = None  # standalone --state
-    state_out: Path | None = None  # standalone --state-out
-    full_refresh: bool = False
-    state_id_suffix: str | None = None
-    force: bool = False
-    target_config: Path | None = None  # standalone: the target's config, for landing checks
-
-    @property
-    def standalone(self) -> bool:
-        return self.tap_cmd is not None
-
-
-@dataclass(frozen=True, slots=True)
-class PhaseResult:
-    phase: str
-    plugin: str
-    phase_run_id: str
-    status: str  # success, failed, skipped, aborted
-    started_at: float | None = None
-    ended_at: float | None = None
-    exit_code: int | None = None
-    stderr_tail: tuple[str, ...] = ()
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def duration_s(self) -> float | None:
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return round(self.ended_at - self.started_at, 3)
-
-    def event_data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "phase": self.phase,
-            "plugin": self.plugin,
-            "phase_run_id": self.phase_run_id,
-            "started_at": state.iso(self.started_at),
-            "ended_at": state.iso(self.ended_at),
-            "duration_s": self.duration_s,
-            "exit_code": self.exit_code,
-            "status": self.status,
-            "metrics": dict(self.metrics),
-        }
-        if self.status == "failed":
-            data["stderr_tail"] = list(self.stderr_tail)
-        return data
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """What a run did; `error` is set when it did not succeed."""
-
-    run_id: str
-    correlation_id: str
-    status: str  # success, failed, aborted
-    mode: str
-    started_at: float
-    ended_at: float
-    streams: Mapping[str, int]  # records per stream, as relayed
-    bytes: int
-    phases: tuple[PhaseResult, ...]
-    state_id: str | None
-    state_loaded_from: str | None  # run id that wrote the state this run resumed from
-    confirmed_states: int
-    state_persisted: bool
-    lineage_path: Path
-    digest: str | None = None
-    anomaly_count: int = 0
-    error: FlextContextError | None = None
-    landing: Landing | None = None  # what landed per stream (issue 7)
-
-    @property
-    def records(self) -> int:
-        return sum(self.streams.values())
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.error is None else self.error.exit_code
-
-    @property
-    def duration_s(self) -> float:
-        return round(self.ended_at - self.started_at, 3)
 
 
 def run_pipeline(spec: PipelineSpec, **kwargs: Any) -> RunResult:
@@ -185,14 +69,6 @@ def run_pipeline(spec: PipelineSpec, **kwargs: Any) -> RunResult:
     if result.error is not None:
         raise result.error
     return result
-
-
-def step_name(argv: Sequence[str]) -> str:
-    """A readable name for a standalone command: `tap_x.py`, not `python3`."""
-    first = Path(argv[0]).name
-    if first.startswith("python") and len(argv) > 1:
-        return Path(argv[1]).name if argv[1] != "-m" or len(argv) < 3 else argv[2]
-    return first
 
 
 def execute(
@@ -219,23 +95,70 @@ def execute(
         if spec.standalone
         else preflight.prepare_meltano(spec, env, identity, use_server=conf.meltano_server)
     )
-    recorder, phase_ids = _open_record(spec, prepared, env, conf, identity)
-    try:
-        return _run(spec, prepared, env, conf, identity, started, progress, recorder, phase_ids)
-    except BaseException as exc:
-        # A run that ends by an exception (a signal before the tap started, a child that could
-        # not be started) still gets its end in the log, so no run is left open there.
-        status = "aborted" if isinstance(exc, (AbortedError, KeyboardInterrupt)) else "failed"
-        _record_completed(recorder, status, started, time.time(), None, str(exc) or repr(exc))
-        raise
+    try:  # from here on the lock, the work directory and the helper are released whatever happens
+        run = _open_run(spec, prepared, env, conf, identity, started)
+        try:
+            return _run(run, progress)
+        except BaseException as exc:
+            # A run that ends by an exception (a signal before the tap started, a child that
+            # could not be started) still gets its end in the log, so no run is left open there.
+            status = "aborted" if isinstance(exc, (AbortedError, KeyboardInterrupt)) else "failed"
+            run.recorder.record(
+                "run_completed", _completed(run, status, None, str(exc) or repr(exc))
+            )
+            raise
+        finally:
+            run.recorder.close()
     finally:
-        recorder.close()
-        if prepared.server is not None:
-            prepared.server.close()
-        if prepared.lock is not None:
-            prepared.lock.release()
-        if prepared.workdir is not None:
-            shutil.rmtree(prepared.workdir, ignore_errors=True)
+        _release(prepared)
+
+
+def _release(prepared: preflight.Prepared) -> None:
+    if prepared.server is not None:
+        prepared.server.close()
+    if prepared.lock is not None:
+        prepared.lock.release()
+    if prepared.workdir is not None:
+        shutil.rmtree(prepared.workdir, ignore_errors=True)
+
+
+class SafeRecorder:
+    """The recorder, but a failed lineage write is reported and the run goes on (issue 11).
+
+    Killing tap and target because the disk is full would lose more than the record: the run
+    ends normally, its state kept, and fails with the lineage error at the end.
+    """
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+        self.error: str | None = None
+
+    def record(self, event: str, data: Mapping[str, Any], *, fsync: bool = False) -> None:
+        try:
+            self._recorder.record(event, data, fsync=fsync)
+        except FlextContextError as exc:
+            if self.error is None:
+                self.error = str(exc)
+                log.error("lineage_write_failed", lineage_event=event, error=str(exc))
+
+    def close(self) -> None:
+        self._recorder.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Everything a run knows before its first child starts."""
+
+    spec: PipelineSpec
+    prepared: preflight.Prepared
+    env: Mapping[str, str]
+    conf: Settings
+    identity: runenv.RunIdentity
+    started: float
+    recorder: SafeRecorder
+    phase_ids: Mapping[str, str]
+    tap_name: str
+    target_name: str
 
 
 def _names(spec: PipelineSpec, prepared: preflight.Prepared) -> tuple[str, str]:
@@ -245,18 +168,15 @@ def _names(spec: PipelineSpec, prepared: preflight.Prepared) -> tuple[str, str]:
     return step_name(prepared.tap_argv), step_name(prepared.target_argv)
 
 
-def _open_record(
+def _open_run(
     spec: PipelineSpec,
     prepared: preflight.Prepared,
     env: Mapping[str, str],
     conf: Settings,
     identity: runenv.RunIdentity,
-) -> tuple[Recorder, dict[str, str]]:
-    """The run's recorder, its `run_started` event written, and a run id per phase."""
-    from flext_meltano_context import ids
-    from flext_meltano_context.lineage.ci import ci_context
-    from flext_meltano_context.lineage.recorder import Recorder
-
+    started: float,
+) -> _Run:
+    """The run's recorder, its `run_started` event written (this write must succeed)."""
     tap_name, target_name = _names(spec, prepared)
     phase_ids = {"extract": ids.uuid7(), "load": ids.uuid7()}
     phase_ids.update({block: ids.uuid7() for block, _argv in prepared.transform_argvs})
@@ -283,379 +203,382 @@ def _open_record(
         },
         fsync=True,
     )
-    return recorder, phase_ids
+    return _Run(
+        spec,
+        prepared,
+        env,
+        conf,
+        identity,
+        started,
+        SafeRecorder(recorder),
+        phase_ids,
+        tap_name,
+        target_name,
+    )
 
 
-def _record_completed(
-    recorder: Recorder,
+def _completed(
+    run: _Run,
     status: str,
-    started: float,
-    ended: float,
     stats: RelayStats | None,
     error: str | None,
-) -> None:
-    recorder.record(
-        "run_completed",
-        {
-            "status": status,
-            "started_at": state.iso(started),
-            "ended_at": state.iso(ended),
-            "duration_s": round(ended - started, 3),
-            "records": sum(s.records for s in stats.streams.values()) if stats else 0,
-            "bytes": stats.bytes if stats else 0,
-            "digest": stats.digest if stats else None,
-            "error": error[:2000] if error is not None else None,
-        },
-        fsync=True,
+    ended: float | None = None,
+) -> dict[str, Any]:
+    """The `run_completed` event's data."""
+    end = time.time() if ended is None else ended
+    return {
+        "status": status,
+        "started_at": state.iso(run.started),
+        "ended_at": state.iso(end),
+        "duration_s": round(end - run.started, 3),
+        "records": sum(s.records for s in stats.streams.values()) if stats else 0,
+        "bytes": stats.bytes if stats else 0,
+        "digest": stats.digest if stats else None,
+        "error": error[:2000] if error is not None else None,
+        "counting_error": stats.counting_error if stats else None,
+    }
+
+
+def _run(run: _Run, progress: Callable[[RelayProgress], None] | None) -> RunResult:
+    """Extract and load, judge, record, check what landed, run the blocks: one sitting."""
+    if run.prepared.loaded is not None:
+        run.recorder.record("state_loaded", run.prepared.loaded.event_data(run.prepared.state_id))
+    with stopping.supervised(run.conf.grace_seconds, run.conf.timeout_seconds) as stopper:
+        check, keys = _landing_check(run)  # a signal meanwhile ends the run as aborted
+        el = _extract_load(run, stopper, keys, progress)
+        verdict = judge(el.outcome)
+        checks = _record_el(run, el, verdict)
+        found = None
+        if check is not None and el.outcome.stats is not None and verdict.error is None:
+            found = _finish_landing(run, check, keys, el.outcome.stats)
+        blocks, block_error = _run_blocks(run, stopper, el, verdict)
+    outcome = replace(
+        el.outcome,
+        signum=stopper.signum,
+        timed_out_after=stopper.timed_out_after,
+        block_error=block_error,
     )
+    return _result(run, el, verdict, outcome, blocks, checks, found)
 
 
-def _run(
-    spec: PipelineSpec,
-    prepared: preflight.Prepared,
-    env: Mapping[str, str],
-    conf: Settings,
-    identity: runenv.RunIdentity,
-    started: float,
+# --- extract and load ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What the extract-and-load step leaves: the facts, and the plugins' own numbers."""
+
+    outcome: Outcome
+    tap_metrics: Mapping[str, Mapping[str, float]]
+    target_metrics: Mapping[str, Mapping[str, float]]
+    target_lines: int | None  # the SDK target's "completed processing N lines of input"
+    persister: state.Persister | None
+
+
+def _extract_load(
+    run: _Run,
+    stopper: stopping.Stopper,
+    keys: KeyCollector | None,
     progress: Callable[[RelayProgress], None] | None,
-    recorder: Recorder,
-    phase_ids: Mapping[str, str],
-) -> RunResult:
-    from flext_meltano_context.relay import Injection, relay
-    from taps_wrapper.tap import Tap
-    from targets_wrapper.target import Target
-
-    tap_name, target_name = _names(spec, prepared)
-    if prepared.loaded is not None:
-        recorder.record("state_loaded", prepared.loaded.event_data(prepared.state_id))
-
+) -> _Loaded:
+    """Start target and tap, relay until the tap's end, then wait for both on the deadline."""
     persister = (
-        state.Persister(prepared.write_state, identity)
-        if prepared.write_state is not None
+        state.Persister(run.prepared.write_state, run.identity)
+        if run.prepared.write_state is not None
         else None
     )
-    stopper = stopping.Stopper(conf.grace_seconds)
-    tap: Tap | None = None
-    target: Target | None = None
-    stats: RelayStats | None = None
-    error: FlextContextError | None = None
-    relay_done = threading.Event()
-    phases: list[PhaseResult] = []
-    tap_exit: Exit | None = None
-    target_exit: Exit | None = None
-    check, keys = _landing_check(spec, prepared, conf, target_name)
-    stopper.install()
     try:
-        target = Target(
-            target_name,
-            prepared.target_argv,
-            runenv.child_environ(
-                prepared.target_env or env,
-                runenv.phase_env(
-                    identity, phase="load", kind="load", phase_run_id=phase_ids["load"]
-                ),
-            ),
-            on_state=persister.offer if persister is not None else (lambda _value: None),
-        )
-        stopper.target = target
-        _phase_started(recorder, "load", target_name, phase_ids["load"], target.child.started_at)
-        tap = Tap(
-            tap_name,
-            prepared.tap_argv,
-            runenv.child_environ(
-                prepared.tap_env or env,
-                runenv.phase_env(
-                    identity, phase="extract", kind="extract", phase_run_id=phase_ids["extract"]
-                ),
-            ),
-        )
-        stopper.tap = tap
-        _phase_started(recorder, "extract", tap_name, phase_ids["extract"], tap.child.started_at)
-        stopping.watch_target(target, tap, relay_done, conf.grace_seconds)
-        injection = None
-        if conf.inject_state or conf.record_column_streams:
-            injection = Injection(
-                correlation_id=identity.correlation_id,
-                state_context=(
-                    {"correlation_id": identity.correlation_id, "run_id": identity.run_id}
-                    if conf.inject_state
-                    else None
-                ),
-                record_column_streams=conf.record_column_streams,
-            )
-        assert target.stdin is not None  # noqa: S101 - just started
-        try:
-            stats = relay(
-                tap.stdout,
-                target.stdin,
-                digest=True,
-                strict=conf.strict,
-                injection=injection,
-                progress=progress,
-                close_sink=False,
-                on_lines=keys.feed if keys is not None else None,
-            )
-        except StrictModeError as exc:
-            stats = getattr(exc, "stats", None)
-            error = exc
-            tap.child.stop(conf.grace_seconds)
-        finally:
-            relay_done.set()
-            os.close(tap.stdout)
-            target.close_input()
-        if stats is not None and stats.sink_closed_early:
-            tap.child.stop(conf.grace_seconds)
-        tap_exit = tap.child.wait()
-        target_exit = stopping.wait_target(target, stopper, conf.grace_seconds)
+        target, tap = _start(run, stopper, persister)
+        recent = RecentLines()
+        stats, relay_error = _relay(run, stopper, tap, target, keys, recent, progress)
+        if relay_error is not None or (stats is not None and stats.sink_closed_early):
+            stopper.stop_tap()
+        target.close_input()
+        stopper.reap(target.child)
+        stopper.reap(tap.child)
+        tap_exit, target_exit = tap.child.wait(), target.child.wait()
         target.join_output()
     finally:
-        stopper.restore()
-        for started_child in (tap, target):
-            if started_child is not None and started_child.child.poll() is None:
-                started_child.child.signal(signal.SIGKILL)
-                started_child.child.wait()
-        if target is not None:
-            target.close_input()
         if persister is not None:
-            persister.finish()
-
-    aborted = stopper.signum is not None
-    tap_failed = tap_exit.returncode != 0 and tap_exit.signalled_by_us is None
-    closed_early = stats is not None and stats.sink_closed_early
-    target_failed = target_exit.returncode != 0 or closed_early
-    if error is None and target_failed and not aborted:
-        if target_exit.returncode != 0:
-            error = StepError(target_name, target_exit.returncode, target_exit.stderr_tail)
-        else:
-            error = FlextContextError(
-                f"target {target_name!r} exited before the end of its input; the tap was stopped"
-            )
-    if error is None and tap_failed and not aborted:
-        error = StepError(tap_name, tap_exit.returncode, tap_exit.stderr_tail)
-    if error is None and persister is not None and persister.errors:
-        error = FlextContextError(
-            f"the state confirmed by {target_name!r} could not be stored: {persister.errors[-1]}"
-        )
-
-    def status_of(failed: bool) -> str:
-        return "aborted" if aborted else "failed" if failed else "success"
-
-    phases.append(
-        PhaseResult(
-            "extract",
-            tap_name,
-            phase_ids["extract"],
-            status_of(tap_failed or (error is not None and isinstance(error, StrictModeError))),
-            tap_exit.started_at,
-            tap_exit.ended_at,
-            tap_exit.returncode,
-            tap_exit.stderr_tail,
-            tap.child.metrics.to_dict(),
-        )
+            persister.finish()  # the last confirmed state is stored before anything is judged
+    outcome = Outcome(
+        tap_name=run.tap_name,
+        target_name=run.target_name,
+        tap=tap_exit,
+        target=target_exit,
+        stats=stats,
+        delivery=_delivery(target, stats, recent, run.conf),
+        signum=stopper.signum,
+        timed_out_after=stopper.timed_out_after,
+        relay_error=relay_error,
+        state_tracked=persister is not None,
+        states_confirmed=persister.confirmed if persister else target.states,
+        states_persisted=persister.persisted if persister else 0,
+        state_errors=tuple(persister.errors) if persister else (),
     )
-    target_metrics: dict[str, Any] = target.child.metrics.to_dict()
-    if target.child.metrics.lines_processed is not None:
-        target_metrics["lines_processed"] = target.child.metrics.lines_processed
-    phases.append(
-        PhaseResult(
-            "load",
-            target_name,
-            phase_ids["load"],
-            status_of(target_failed),
-            target_exit.started_at,
-            target_exit.ended_at,
-            target_exit.returncode,
-            target_exit.stderr_tail,
-            target_metrics,
-        )
+    return _Loaded(
+        outcome,
+        tap.child.metrics.to_dict(),
+        target.child.metrics.to_dict(),
+        target.child.metrics.lines_processed,
+        persister,
     )
-    for phase in phases:
-        recorder.record("phase_completed", phase.event_data())
-    from flext_meltano_context import dbt
 
-    warehouse = dbt.target_warehouse(
-        target_name, prepared.target_argv, prepared.meltano if prepared.transform_argvs else None
+
+def _start(
+    run: _Run, stopper: stopping.Stopper, persister: state.Persister | None
+) -> tuple[Target, Tap]:
+    """The target first (it must be reading before the tap writes), then the tap."""
+    target = stopper.start_target(
+        run.target_name,
+        run.prepared.target_argv,
+        runenv.child_environ(
+            run.prepared.target_env or run.env,
+            runenv.phase_env(
+                run.identity, phase="load", kind="load", phase_run_id=run.phase_ids["load"]
+            ),
+        ),
+        on_state=persister.offer if persister is not None else (lambda _value: None),
     )
-    datasets = dbt.stream_datasets(warehouse, stats.streams if stats is not None else ())
-    if stats is not None:
-        for stream in stats.streams.values():
-            recorder.record(
-                "stream_stats",
-                {
-                    "stream": stream.name,
-                    "counts": dict(stream.counts),
-                    "bytes": stream.bytes,
-                    "first_record_at": state.iso(stream.first_record_at),
-                    "last_record_at": state.iso(stream.last_record_at),
-                    "schema": _schema_summary(stream.schema, getattr(stream, "key_properties", ())),
-                    "tap_metrics": tap.child.metrics.for_stream(stream.name),
-                    "target_metrics": target.child.metrics.for_stream(stream.name),
-                    **datasets.get(stream.name, {}),  # dataset names as dbt-ol gives them
-                },
-            )
-        if stats.anomaly_count:
-            recorder.record(
-                "anomalies",
-                {
-                    "count": stats.anomaly_count,
-                    "first": [
-                        {
-                            "kind": a.kind,
-                            "line": a.line,
-                            "offset": a.offset,
-                            "excerpt": a.excerpt,
-                            "stream": a.stream,
-                        }
-                        for a in stats.anomalies[:20]
-                    ],
-                },
-            )
-    landing = None
-    if check is not None and stats is not None and error is None and not aborted:
-        landing = check.finish(
-            {name: s.records for name, s in stats.streams.items() if s.records},
-            keys.distinct() if keys is not None else {},
-            {name: bool(s.key_properties) for name, s in stats.streams.items()},
-            conf.record_column_streams,
-            identity.correlation_id,
-        )
-        recorder.record("landing", landing.event_data())
-    if persister is not None and persister.persisted:
-        recorder.record(
-            "state_persisted",
-            {
-                "state_id": prepared.state_id,
-                "confirmed_states": persister.confirmed,
-                "written_at": persister.last_written_at,
-            },
-        )
+    _phase_started(run, "load", run.target_name, target.child.started_at)
+    tap = stopper.start_tap(
+        run.tap_name,
+        run.prepared.tap_argv,
+        runenv.child_environ(
+            run.prepared.tap_env or run.env,
+            runenv.phase_env(
+                run.identity, phase="extract", kind="extract", phase_run_id=run.phase_ids["extract"]
+            ),
+        ),
+    )
+    _phase_started(run, "extract", run.tap_name, tap.child.started_at)
 
-    el_ok = error is None and not aborted
-    dbt_phase = dbt.DbtPhase(
-        conf.lineage_path.parent / "dbt",
-        run_id=identity.run_id,
+    def on_target_exit(_child: object) -> None:
+        if target.stdin is not None:  # mid-stream: it failed or stopped reading
+            stopper.target_gone()
+
+    target.child.on_exit(on_target_exit)
+    return target, tap
+
+
+def _injection(run: _Run) -> Injection | None:
+    conf, identity = run.conf, run.identity
+    if not (conf.inject_state or conf.record_column_streams):
+        return None
+    return Injection(
         correlation_id=identity.correlation_id,
-        warehouse=warehouse,
-        streams=stats.streams if stats is not None else (),
-        dbt_path=env.get("DBT_DUCKDB_PATH"),
-    )
-    for block, argv in prepared.transform_argvs:
-        if not el_ok:
-            skipped = PhaseResult(block, block.split(":", 1)[0], phase_ids[block], "skipped")
-            phases.append(skipped)
-            recorder.record("phase_completed", skipped.event_data())
-            continue
-        result, block_error = _run_block(
-            block, argv, env, identity, phase_ids[block], prepared.cwd, recorder, stopper, dbt_phase
-        )
-        phases.append(result)
-        recorder.record("phase_completed", result.event_data())
-        if block_error is not None:
-            error, el_ok = block_error, False
-        if stopper.signum is not None:
-            aborted, el_ok = True, False
-
-    if aborted and stopper.signum is not None:
-        if persister is not None and persister.persisted:
-            kept = f"the last of {persister.confirmed} confirmed state(s) is stored"
-        elif persister is not None:
-            kept = "the target confirmed no state; the stored state is untouched"
-        else:
-            kept = "no state is kept for this run"
-        error = AbortedError(
-            stopper.signum, f"stopped by {signal.Signals(stopper.signum).name}; {kept}"
-        )
-    ended = time.time()
-    status = "aborted" if aborted else ("failed" if error is not None else "success")
-    streams = {name: s.records for name, s in stats.streams.items()} if stats else {}
-    _record_completed(
-        recorder, status, started, ended, stats, str(error) if error is not None else None
-    )
-    return RunResult(
-        run_id=identity.run_id,
-        correlation_id=identity.correlation_id,
-        status=status,
-        mode=prepared.mode,
-        started_at=started,
-        ended_at=ended,
-        streams=streams,
-        bytes=stats.bytes if stats else 0,
-        phases=tuple(phases),
-        state_id=prepared.state_id,
-        state_loaded_from=prepared.loaded.written_by_run_id if prepared.loaded else None,
-        confirmed_states=persister.confirmed if persister else target.states,
-        state_persisted=bool(persister and persister.persisted),
-        lineage_path=conf.lineage_path,
-        digest=stats.digest if stats else None,
-        anomaly_count=stats.anomaly_count if stats else 0,
-        error=error,
-        landing=landing,
+        state_context=(
+            {"correlation_id": identity.correlation_id, "run_id": identity.run_id}
+            if conf.inject_state
+            else None
+        ),
+        record_column_streams=conf.record_column_streams,
     )
 
 
-def _phase_started(recorder: Recorder, phase: str, plugin: str, run_id: str, at: float) -> None:
-    recorder.record(
-        "phase_started",
-        {"phase": phase, "plugin": plugin, "phase_run_id": run_id, "started_at": state.iso(at)},
-    )
-
-
-def _run_block(
-    block: str,
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    identity: runenv.RunIdentity,
-    phase_run_id: str,
-    cwd: str | None,
-    recorder: Recorder,
+def _relay(
+    run: _Run,
     stopper: stopping.Stopper,
-    dbt_phase: DbtPhase | None = None,
-) -> tuple[PhaseResult, FlextContextError | None]:
-    """Run one transformer block with the run's context; its stdout goes to our stderr."""
-    from flext_meltano_context.children import Child
-    from flext_meltano_context.dbt import DbtFailedError, DbtPhase
+    tap: Tap,
+    target: Target,
+    keys: KeyCollector | None,
+    recent: RecentLines,
+    progress: Callable[[RelayProgress], None] | None,
+) -> tuple[RelayStats | None, StrictModeError | None]:
+    """Relay on a thread of its own while this one keeps the clock (deadline, timeout)."""
+    sink = target.stdin
+    assert sink is not None  # noqa: S101 - just started
+    found: dict[str, Any] = {}
+    done = threading.Event()
 
-    child_env = runenv.child_environ(
-        env, runenv.phase_env(identity, phase=block, kind="transform", phase_run_id=phase_run_id)
-    )
-    artifacts = None
-    if dbt_phase is not None:  # its own artifact directory, read back after it exits (issue 6)
-        argv, overlay, artifacts = dbt_phase.prepare(block, argv)
-        child_env.update(overlay)
-    plugin = block.split(":", 1)[0]
-    child = Child(block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=cwd)
-    _phase_started(recorder, block, plugin, phase_run_id, child.started_at)
-    previous: dict[signal.Signals, Any] = {}
-    with contextlib.suppress(ValueError):  # not in the main thread: no handler to swap
-        for stop_on in (signal.SIGINT, signal.SIGTERM):
-            previous[stop_on] = signal.signal(
-                stop_on, lambda s, _f: stopping.stop_block(child, stopper, s)
+    def on_lines(lines: list[Any]) -> None:
+        recent.feed(lines)
+        if keys is not None:
+            keys.feed(lines)
+
+    def work() -> None:
+        try:
+            found["stats"] = relay(
+                tap.stdout,
+                sink,
+                digest=True,
+                strict=run.conf.strict,
+                injection=_injection(run),
+                progress=progress,
+                close_sink=False,
+                on_lines=on_lines,
             )
-    try:
-        exit_ = child.wait()
-    finally:
-        for stop_on, handler in previous.items():  # the handlers as they were, SIGTERM's too
-            signal.signal(stop_on, handler)
-    failed = exit_.returncode != 0
-    status = "aborted" if stopper.signum is not None else "failed" if failed else "success"
-    found = None
-    if dbt_phase is not None and artifacts is not None:
-        found = dbt_phase.finish(block, artifacts, exit_.returncode, recorder)
-    result = PhaseResult(
-        block,
+        except StrictModeError as exc:
+            found["stats"], found["error"] = getattr(exc, "stats", None), exc
+        except BaseException as exc:  # noqa: BLE001 - handed to the run loop, raised there
+            found["crash"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="relay", daemon=True).start()
+    if not stopper.wait(done, give_up=True):
+        log.error("relay_abandoned", reason="the tap's pipe is still open after every kill")
+        target.forget_input()  # never closed under the relay thread: its number could be reused
+        return None, None
+    os.close(tap.stdout)
+    if "crash" in found:
+        raise found["crash"]
+    return found.get("stats"), found.get("error")
+
+
+def _delivery(
+    target: Target, stats: RelayStats | None, recent: RecentLines, conf: Settings
+) -> Delivery:
+    """How much of what was written the target read: FIONREAD's count, RECORDs among it."""
+    written = stats.bytes_out if stats is not None else 0
+    unread = target.unread
+    records = recent.records_in_last(unread) if unread else 0
+    # Exact when the tail kept is the bytes as written (no injection rewrote them) and no write
+    # was cut short by the target's exit (its bytes are in the pipe but not in `bytes_out`).
+    exact = (
+        records is not None
+        and stats is not None
+        and not stats.sink_closed_early
+        and not (conf.inject_state or conf.record_column_streams)
+    )
+    if records is None and unread and stats is not None and written:
+        records = round(stats.records() * min(unread, written) / written)
+    return Delivery(
+        bytes_written=max(written, unread or 0),
+        bytes_unread=unread,
+        records_unread=records,
+        records_exact=exact,
+        input_closed_first=target.input_closed_first,
+    )
+
+
+# --- what the run records -----------------------------------------------------------------
+
+
+def _phase_started(run: _Run, phase: str, plugin: str, at: float) -> None:
+    run.recorder.record(
+        "phase_started",
+        {
+            "phase": phase,
+            "plugin": plugin,
+            "phase_run_id": run.phase_ids[phase],
+            "started_at": state.iso(at),
+        },
+    )
+
+
+def _el_phases(run: _Run, el: _Loaded, verdict: Verdict) -> tuple[PhaseResult, PhaseResult]:
+    tap, target = el.outcome.tap, el.outcome.target
+    target_metrics: dict[str, Any] = {k: dict(v) for k, v in el.target_metrics.items()}
+    if el.target_lines is not None:
+        target_metrics["lines_processed"] = el.target_lines
+    delivery = el.outcome.delivery  # what reached the target, as measured (issue 10)
+    target_metrics["bytes_written"] = delivery.bytes_written
+    target_metrics["bytes_unread"] = delivery.bytes_unread
+    target_metrics["end_of_input_first"] = delivery.input_closed_first
+    extract = _phase(run, "extract", run.tap_name, verdict.extract, tap, dict(el.tap_metrics))
+    load = _phase(run, "load", run.target_name, verdict.load, target, target_metrics)
+    return extract, load
+
+
+def _phase(
+    run: _Run, phase: str, plugin: str, status: str, exit_: Exit, metrics: Mapping[str, Any]
+) -> PhaseResult:
+    return PhaseResult(
+        phase,
         plugin,
-        phase_run_id,
+        run.phase_ids[phase],
         status,
         exit_.started_at,
         exit_.ended_at,
         exit_.returncode,
         exit_.stderr_tail,
-        {**child.metrics.to_dict(), **(DbtPhase.metrics(found) if found else {})},
+        metrics,
     )
-    error = StepError(block, exit_.returncode, exit_.stderr_tail) if failed else None
-    if failed and found is not None and found.failed_nodes:
-        error = DbtFailedError(block, exit_.returncode, exit_.stderr_tail, found.failed_nodes)
-    return result, error
+
+
+def _record_el(run: _Run, el: _Loaded, verdict: Verdict) -> tuple[CrossCheck, ...]:
+    """phase_completed for tap and target, stream_stats, cross_checks, anomalies."""
+    for phase in _el_phases(run, el, verdict):
+        run.recorder.record("phase_completed", phase.event_data())
+    stats = el.outcome.stats
+    if stats is None:
+        return ()
+    warehouse = _warehouse(run)
+    datasets = dbt.stream_datasets(warehouse, stats.streams)
+    for stream in stats.streams.values():
+        run.recorder.record(
+            "stream_stats",
+            {
+                "stream": stream.name,
+                "counts": dict(stream.counts),
+                "bytes": stream.bytes,
+                "first_record_at": state.iso(stream.first_record_at),
+                "last_record_at": state.iso(stream.last_record_at),
+                "schema": _schema_summary(stream.schema, stream.key_properties),
+                "tap_metrics": _for_stream(el.tap_metrics, stream.name),
+                "target_metrics": _for_stream(el.target_metrics, stream.name),
+                **datasets.get(stream.name, {}),  # dataset names as dbt-ol gives them
+            },
+        )
+    checks = cross_checks(el, verdict)
+    if checks:
+        run.recorder.record("cross_checks", {"checks": [c.to_dict() for c in checks]})
+    _record_anomalies(run, stats, [c for c in checks if c.status != "ok"])
+    return checks
+
+
+def _for_stream(metrics: Mapping[str, Mapping[str, float]], stream: str) -> dict[str, float]:
+    return {name: per[stream] for name, per in metrics.items() if stream in per}
+
+
+def cross_checks(el: _Loaded, verdict: Verdict) -> tuple[CrossCheck, ...]:
+    """The plugins' own counts against the relay's (issue 10), where they can be compared.
+
+    The SDK target's "completed processing N lines" counts every message it read: only a target
+    that read the whole stream and exited 0 can match. The tap's `record_count` counters are
+    increments: summed per stream, and only for a tap that ended on its own with 0.
+    """
+    stats, outcome = el.outcome.stats, el.outcome
+    if stats is None or stats.counting_error is not None:
+        return ()
+    checks: list[CrossCheck] = []
+    if el.target_lines is not None and verdict.load == "success":
+        messages = sum(stats.counts.values())
+        checks.append(CrossCheck("target_lines", None, messages, el.target_lines))
+    if outcome.tap.returncode == 0 and outcome.tap.signalled_by_us is None:
+        counted = el.tap_metrics.get("record_count", {})
+        for stream in sorted(name for name in counted if name):
+            relayed = stats.streams[stream].records if stream in stats.streams else 0
+            checks.append(CrossCheck("tap_record_count", stream, relayed, int(counted[stream])))
+    return tuple(checks)
+
+
+def _record_anomalies(run: _Run, stats: RelayStats, mismatches: Sequence[CrossCheck]) -> None:
+    count = stats.anomaly_count + len(mismatches)
+    if not count:
+        return
+    first = [
+        {
+            "kind": a.kind,
+            "line": a.line,
+            "offset": a.offset,
+            "excerpt": a.excerpt,
+            "stream": a.stream,
+        }
+        for a in stats.anomalies[:20]
+    ]
+    first += [
+        {
+            "kind": "count_mismatch",
+            "line": None,
+            "offset": None,
+            "excerpt": f"{c.kind}: relayed {c.expected}, reported {c.reported}",
+            "stream": c.stream,
+        }
+        for c in mismatches
+    ]
+    run.recorder.record("anomalies", {"count": count, "first": first})
 
 
 def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
@@ -668,23 +591,178 @@ def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> di
     return {"properties": columns, "key_properties": list(keys)}
 
 
-def _landing_check(
-    spec: PipelineSpec, prepared: preflight.Prepared, conf: Settings, target_name: str
-) -> tuple[Check | None, KeyCollector | None]:
+def _warehouse(run: _Run) -> dbt.Warehouse | None:
+    prepared = run.prepared
+    meltano = prepared.meltano if prepared.transform_argvs else None
+    return dbt.target_warehouse(run.target_name, prepared.target_argv, meltano)
+
+
+# --- what landed (issue 7): the two call sites the landing check owns ----------------------
+
+
+def _landing_check(run: _Run) -> tuple[landing.Check | None, KeyCollector | None]:
     """The landing check prepared before the target starts (counts before the load), issue 7."""
+    spec, conf = run.spec, run.conf
     if not conf.landing:
         return None, None
-    from flext_meltano_context import landing
-    from flext_meltano_context.keys import KeyCollector
-
     check = landing.prepare_run(
-        target=spec.target if not spec.standalone else target_name,
-        argv=prepared.target_argv,
+        target=spec.target if not spec.standalone else run.target_name,
+        argv=run.prepared.target_argv,
         target_config=spec.target_config,
-        meltano=prepared.meltano,
+        meltano=run.prepared.meltano,
         approximate="*" not in conf.record_column_streams,
-        cwd=prepared.cwd,
+        cwd=run.prepared.cwd,
     )
     # Distinct keys cost about 3.5 us per message in the relay: only for the exact level.
     collect = check.reason is None and bool(conf.record_column_streams)
     return check, (KeyCollector() if collect else None)
+
+
+def _finish_landing(
+    run: _Run, check: landing.Check, keys: KeyCollector | None, stats: RelayStats
+) -> landing.Landing:
+    """Count what landed, after a load that succeeded; not with counts known to be incomplete."""
+    relayed = {name: s.records for name, s in stats.streams.items() if s.records}
+    if stats.counting_error is not None:
+        reason = f"the relay's counts are incomplete: {stats.counting_error}"
+        found = landing.Landing(
+            check.family,
+            check.config_source,
+            tuple(
+                landing.StreamLanding(name, n, "records", None, "not checked", reason=reason)
+                for name, n in relayed.items()
+            ),
+        )
+    else:
+        found = check.finish(
+            relayed,
+            keys.distinct() if keys is not None else {},
+            {name: bool(s.key_properties) for name, s in stats.streams.items()},
+            run.conf.record_column_streams,
+            run.identity.correlation_id,
+        )
+    run.recorder.record("landing", found.event_data())
+    return found
+
+
+# --- transformer blocks -------------------------------------------------------------------
+
+
+def _run_blocks(
+    run: _Run, stopper: stopping.Stopper, el: _Loaded, verdict: Verdict
+) -> tuple[list[PhaseResult], FlextContextError | None]:
+    """Each block after a good load, in order; skipped (and recorded) once anything failed."""
+    phases: list[PhaseResult] = []
+    error: FlextContextError | None = None
+    stats = el.outcome.stats
+    dbt_phase = dbt.DbtPhase(
+        run.conf.lineage_path.parent / "dbt",
+        run_id=run.identity.run_id,
+        correlation_id=run.identity.correlation_id,
+        warehouse=_warehouse(run),
+        streams=stats.streams if stats is not None else (),
+        dbt_path=run.env.get("DBT_DUCKDB_PATH"),
+    )
+    for block, argv in run.prepared.transform_argvs:
+        if verdict.error is not None or error is not None or stopper.stopping:
+            result = PhaseResult(block, block.split(":", 1)[0], run.phase_ids[block], "skipped")
+        else:
+            result, error = _run_block(run, stopper, block, argv, dbt_phase)
+        phases.append(result)
+        run.recorder.record("phase_completed", result.event_data())
+    return phases, error
+
+
+def _run_block(
+    run: _Run, stopper: stopping.Stopper, block: str, argv: Sequence[str], dbt_phase: dbt.DbtPhase
+) -> tuple[PhaseResult, FlextContextError | None]:
+    """Run one transformer block with the run's context; its stdout goes to our stderr."""
+    phase_run_id = run.phase_ids[block]
+    child_env = runenv.child_environ(
+        run.env,
+        runenv.phase_env(run.identity, phase=block, kind="transform", phase_run_id=phase_run_id),
+    )
+    # Its own artifact directory, read back after it exits (issue 6).
+    argv, overlay, artifacts = dbt_phase.prepare(block, argv)
+    child_env.update(overlay)
+    plugin = block.split(":", 1)[0]
+    child = stopper.start_block(
+        block, argv, child_env, stdin=None, stdout=sys.stderr.fileno(), cwd=run.prepared.cwd
+    )
+    _phase_started(run, block, plugin, child.started_at)
+    stopper.reap(child)
+    stopper.block = None
+    exit_ = child.wait()
+    failed = exit_.returncode != 0
+    status = "aborted" if stopper.stopping else "failed" if failed else "success"
+    found = None
+    if artifacts is not None:
+        found = dbt_phase.finish(block, artifacts, exit_.returncode, run.recorder)
+    metrics = {**child.metrics.to_dict(), **(dbt.DbtPhase.metrics(found) if found else {})}
+    result = _phase(run, block, plugin, status, exit_, metrics)
+    error = _block_error(block, exit_, found) if failed and not stopper.stopping else None
+    return result, error
+
+
+def _block_error(block: str, exit_: Exit, found: dbt.BlockResults | None) -> FlextContextError:
+    if found is not None and found.failed_nodes:
+        return dbt.DbtFailedError(block, exit_.returncode, exit_.stderr_tail, found.failed_nodes)
+    return StepError(block, exit_.returncode, exit_.stderr_tail)
+
+
+# --- the result ---------------------------------------------------------------------------
+
+
+def _result(
+    run: _Run,
+    el: _Loaded,
+    el_verdict: Verdict,
+    outcome: Outcome,
+    blocks: Sequence[PhaseResult],
+    checks: tuple[CrossCheck, ...],
+    found: landing.Landing | None,
+) -> RunResult:
+    """The final judgement, persisted state on record, `run_completed` written, the result."""
+    persister, stats = el.persister, outcome.stats
+    if persister is not None and persister.persisted:
+        run.recorder.record(
+            "state_persisted",
+            {
+                "state_id": run.prepared.state_id,
+                "confirmed_states": persister.confirmed,
+                "written_at": persister.last_written_at,
+            },
+        )
+    verdict = judge(replace(outcome, lineage_error=run.recorder.error))
+    ended = time.time()
+    error_text = str(verdict.error) if verdict.error is not None else None
+    run.recorder.record(
+        "run_completed", _completed(run, verdict.status, stats, error_text, ended), fsync=True
+    )
+    if run.recorder.error is not None and verdict.error is None:
+        verdict = judge(replace(outcome, lineage_error=run.recorder.error))
+    mismatches = sum(1 for c in checks if c.status != "ok")
+    return RunResult(
+        run_id=run.identity.run_id,
+        correlation_id=run.identity.correlation_id,
+        status=verdict.status,
+        mode=run.prepared.mode,
+        started_at=run.started,
+        ended_at=ended,
+        streams={name: s.records for name, s in stats.streams.items()} if stats else {},
+        bytes=stats.bytes if stats else 0,
+        phases=(*_el_phases(run, el, el_verdict), *blocks),
+        state_id=run.prepared.state_id,
+        state_loaded_from=run.prepared.loaded.written_by_run_id if run.prepared.loaded else None,
+        confirmed_states=outcome.states_confirmed,
+        state_persisted=bool(persister and persister.persisted),
+        lineage_path=run.conf.lineage_path,
+        digest=stats.digest if stats else None,
+        anomaly_count=(stats.anomaly_count if stats else 0) + mismatches,
+        error=verdict.error,
+        landing=found,
+        cross_checks=checks,
+        counting_error=stats.counting_error if stats else None,
+        timed_out_after=outcome.timed_out_after,
+        lineage_error=run.recorder.error,
+    )

@@ -20,11 +20,12 @@ import structlog
 
 from flext_meltano_context import runenv, state
 from flext_meltano_context.errors import FlextContextError, UsageError
-from flext_meltano_context.meltano import in_parallel, plugin_infos
+from flext_meltano_context.meltano import Meltano, find_meltano, in_parallel, plugin_infos
+from flext_meltano_context.spec import PipelineSpec
+from taps_wrapper.tap import standalone_command
 
 if TYPE_CHECKING:
-    from flext_meltano_context.meltano import Meltano, PluginInfo, StateServer
-    from flext_meltano_context.pipeline import PipelineSpec
+    from flext_meltano_context.meltano import PluginInfo, StateServer
 
 log = structlog.get_logger("flext_meltano_context.preflight")
 
@@ -50,8 +51,7 @@ class Prepared:
 
 
 def prepare_standalone(spec: PipelineSpec) -> Prepared:
-    from taps_wrapper.tap import standalone_command
-
+    """Standalone: read `--state`, build the commands."""
     if spec.tap_cmd is None or spec.target_cmd is None:
         raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
 
@@ -78,8 +78,7 @@ def prepare_meltano(
     *,
     use_server: bool = True,
 ) -> Prepared:
-    from flext_meltano_context.meltano import Meltano, find_meltano
-
+    """Meltano: state id, lock, then plugins, stored state and prepared commands."""
     root = Path(env["MELTANO_PROJECT_ROOT"])
     environment = env.get("MELTANO_ENVIRONMENT") or None
     meltano = Meltano(find_meltano(env), root, environment, env)

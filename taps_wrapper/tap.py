@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from flext_meltano_context.children import Child
+from flext_meltano_context.children import Child, Watchdog
 
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -32,11 +32,17 @@ def standalone_command(argv: Sequence[str], state_file: Path | None) -> list[str
 class Tap:
     """A running tap whose stdout is the read end `self.stdout` (ours to read and close)."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        watchdog: Watchdog | None = None,
+    ) -> None:
         read_end, write_end = os.pipe()
         enlarge_pipe(read_end)
         try:
-            self.child = Child(name, argv, env, stdin=None, stdout=write_end)
+            self.child = Child(name, argv, env, stdin=None, stdout=write_end, watchdog=watchdog)
         except BaseException:
             os.close(read_end)
             raise

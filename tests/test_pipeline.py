@@ -191,7 +191,8 @@ def test_target_exiting_early_with_zero_still_fails_the_run(tmp_path: Path) -> N
         fake("target_collect.py", str(tmp_path / "o"), "--exit-zero-after", "3"),
     )
     assert result.status == "failed"
-    assert "before the end of its input" in str(result.error)
+    assert "target 'target_collect.py' exited 0 after reading" in str(result.error)
+    assert "records never reached it" in str(result.error)
     assert_no_orphans(pids)
 
 
@@ -483,3 +484,234 @@ def test_a_tap_that_cannot_start_ends_the_run_in_the_log_and_leaves_no_target(
         time.sleep(0.05)
     if list(pids.glob("*.pid")):
         assert_no_orphans(pids)
+
+
+# -- a target that stops reading fails the load, deterministically (issue 10 section 1) --------
+
+REPEAT = 20
+SMALL_TAP = ("tap_counter.py", "--records", "20")  # 26 lines, far below one pipe buffer
+
+
+def large_tap_env() -> dict[str, str]:
+    return {**os.environ, "BENCH_RECORDS": "40000"}  # about 6 MB: more than every pipe holds
+
+
+def run_with(tmp_path: Path, tap: list[str], target: list[str], env: dict[str, str]) -> RunResult:
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3, landing=False)
+    return execute(spec(tap, target), environ=env, settings=settings)
+
+
+def test_a_target_that_stops_reading_a_small_stream_fails_with_exact_counts(
+    tmp_path: Path,
+) -> None:
+    stream = subprocess.run(fake(*SMALL_TAP), capture_output=True, check=True).stdout
+    head = sum(len(line) for line in stream.splitlines(keepends=True)[:4])
+    expected = (
+        f"target 'target_head.py' exited 0 after reading {head:,} of {len(stream):,} bytes; "
+        "17 records never reached it"
+    )
+    target = fake("target_head.py", "--lines", "4", "--delay", "0.2")
+    for attempt in range(REPEAT):
+        result = run_with(tmp_path, fake(*SMALL_TAP), target, dict(os.environ))
+        assert (result.status, str(result.error)) == ("failed", expected), attempt
+        assert [p.status for p in result.phases] == ["success", "failed"]
+
+
+def test_a_target_that_stops_reading_a_large_stream_fails_every_time(tmp_path: Path) -> None:
+    target = fake("target_head.py", "--lines", "4")
+    for attempt in range(REPEAT):
+        result = run_with(tmp_path, fake("bench_tap.py"), target, large_tap_env())
+        assert result.status == "failed", attempt
+        message = str(result.error)
+        assert message.startswith("target 'target_head.py' exited 0 after reading "), message
+        assert "records never reached it" in message
+        assert result.phases[1].status == "failed"
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_target_that_stops_reading_and_exits_non_zero_fails_every_time(
+    tmp_path: Path, size: str
+) -> None:
+    tap = fake(*SMALL_TAP) if size == "small" else fake("bench_tap.py")
+    env = dict(os.environ) if size == "small" else large_tap_env()
+    target = fake("target_head.py", "--lines", "4", "--code", "3")
+    for attempt in range(REPEAT):
+        result = run_with(tmp_path, tap, target, env)
+        assert isinstance(result.error, StepError), attempt
+        assert (result.error.step, result.error.returncode) == ("target_head.py", 3)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_target_that_reads_everything_succeeds_every_time(tmp_path: Path, size: str) -> None:
+    """The passing control beside the early exits: same reader, reading to the end."""
+    tap = fake(*SMALL_TAP) if size == "small" else fake("bench_tap.py")
+    env = dict(os.environ) if size == "small" else large_tap_env()
+    for attempt in range(REPEAT):
+        result = run_with(tmp_path, tap, fake("target_head.py"), env)
+        assert (result.status, result.error) == ("success", None), attempt
+    assert result.records == (20 if size == "small" else 40000)
+
+
+def test_a_target_exiting_early_keeps_the_states_it_confirmed(tmp_path: Path) -> None:
+    state_out = tmp_path / "state.json"
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "20"),
+        # SCHEMA, 1-5, STATE 5, 6-10, STATE 10, 11: then it stops reading.
+        fake("target_head.py", "--lines", "14", "--confirm-states", "--delay", "0.2"),
+        state_out=state_out,
+    )
+    assert result.status == "failed"
+    assert str(result.error).endswith("; 9 records never reached it")
+    load = next(
+        e
+        for e in events(tmp_path)
+        if e["event"] == "phase_completed" and e["data"]["phase"] == "load"
+    )["data"]["metrics"]
+    assert load["bytes_unread"] > 0
+    assert load["end_of_input_first"] is True
+    assert json.loads(state_out.read_text())["bookmarks"] == {"users": {"id": 10}}
+    assert result.confirmed_states == 2
+
+
+# -- cross-checks and incomplete counts (issue 10) ---------------------------------------------
+
+
+def test_cross_checks_compare_the_plugins_counts_with_the_relays(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        fake("tap_counter.py", "--records", "7"),
+        fake("target_collect.py", str(tmp_path / "o")),
+    )
+    found = next(e for e in events(tmp_path) if e["event"] == "cross_checks")["data"]["checks"]
+    assert {c["kind"]: c["status"] for c in found} == {
+        "target_lines": "ok",
+        "tap_record_count": "ok",
+    }
+    tap_check = next(c for c in found if c["kind"] == "tap_record_count")
+    assert (tap_check["stream"], tap_check["expected"], tap_check["reported"]) == ("users", 7, 7)
+    assert result.anomaly_count == 0
+    assert completed_data(tmp_path)["counting_error"] is None
+    assert "  cross-checks ok: target lines, tap record_count users" in result.notes()
+
+
+def test_a_tap_metric_that_disagrees_is_a_count_mismatch_anomaly(tmp_path: Path) -> None:
+    # Resuming at id 5, the fake reports record_count 3 of the 3 it sent; a wrong count is
+    # simulated by a tap that prints a METRIC for a stream it never sent.
+    script = tmp_path / "tap_lies.py"
+    script.write_text(
+        "import json, sys\n"
+        "sys.stdout.write(json.dumps({'type': 'SCHEMA', 'stream': 's', 'schema': {}, "
+        "'key_properties': []}) + '\\n')\n"
+        "sys.stdout.write(json.dumps({'type': 'RECORD', 'stream': 's', 'record': {}}) + '\\n')\n"
+        "m = {'type': 'counter', 'metric': 'record_count', 'value': 2, 'tags': {'stream': 's'}}\n"
+        "print('INFO METRIC: ' + json.dumps(m), file=sys.stderr)\n"
+    )
+    result = run(tmp_path, [sys.executable, str(script)], fake("target_head.py"))
+    assert result.status == "success"  # the load itself is fine; the record says what disagrees
+    (check,) = result.cross_checks
+    assert (check.kind, check.stream, check.expected, check.reported) == (
+        "tap_record_count",
+        "s",
+        1,
+        2,
+    )
+    assert check.status == "count_mismatch"
+    assert "  cross-check tap record_count s: count_mismatch (relayed 1, reported 2)" in (
+        result.notes()
+    )
+    anomalies = next(e for e in events(tmp_path) if e["event"] == "anomalies")["data"]
+    assert [a["kind"] for a in anomalies["first"]] == ["count_mismatch"]
+    assert result.anomaly_count == 1
+
+
+def completed_data(tmp_path: Path) -> dict[str, Any]:
+    done = events(tmp_path)[-1]
+    assert done["event"] == "run_completed"
+    data: dict[str, Any] = done["data"]
+    return data
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("true", True),
+        ("On", True),
+        ("YES", True),
+        ("1", True),
+        ("enabled", True),
+        ("false", False),
+        ("off", False),
+        ("no", False),
+        ("0", False),
+        ("Disabled", False),
+    ],
+)
+def test_every_boolean_setting_reads_the_same_words(raw: str, value: bool) -> None:
+    for name, field in (
+        ("FLEXT_CONTEXT_STRICT", "strict"),
+        ("FLEXT_CONTEXT_LANDING", "landing"),
+        ("FLEXT_CONTEXT_INJECT_STATE", "inject_state"),
+        ("FLEXT_CONTEXT_MELTANO_SERVER", "meltano_server"),
+    ):
+        assert getattr(Settings.from_env({name: raw}), field) is value
+
+
+def test_a_boolean_setting_that_is_no_boolean_is_refused_naming_it() -> None:
+    with pytest.raises(UsageError, match=r"FLEXT_CONTEXT_STRICT='maybe' is not a boolean; use"):
+        Settings.from_env({"FLEXT_CONTEXT_STRICT": "maybe"})
+
+
+def test_defaults_and_the_timeout_settings() -> None:
+    conf = Settings.from_env({})
+    assert (conf.grace_seconds, conf.timeout_seconds, conf.landing, conf.strict) == (
+        20.0,
+        None,
+        True,
+        False,
+    )
+    assert Settings.from_env({"MELTANO_RUN_TIMEOUT": "90"}).timeout_seconds == 90.0
+    both = {"MELTANO_RUN_TIMEOUT": "90", "FLEXT_CONTEXT_TIMEOUT": "5"}
+    assert Settings.from_env(both).timeout_seconds == 5.0
+    with pytest.raises(UsageError, match="FLEXT_CONTEXT_TIMEOUT='-1' is not a positive number"):
+        Settings.from_env({"FLEXT_CONTEXT_TIMEOUT": "-1"})
+
+
+def test_the_spec_types_are_importable_from_the_pipeline_too() -> None:
+    from flext_meltano_context import pipeline, spec
+
+    assert pipeline.RunResult is spec.RunResult
+    assert pipeline.PhaseResult is spec.PhaseResult
+    assert pipeline.PipelineSpec is spec.PipelineSpec
+    assert pipeline.Settings is spec.Settings
+
+
+def test_a_counting_error_marks_counts_incomplete_and_checks_nothing_against_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from flext_meltano_context.relay import relay as real
+
+    def relay_that_lost_count(*args: Any, **kwargs: Any) -> Any:
+        # The seam: a real relay whose counting broke (forwarding goes on, as relay.py does).
+        return replace(real(*args, **kwargs), counting_error="ValueError: a counting bug")
+
+    monkeypatch.setattr("flext_meltano_context.pipeline.relay", relay_that_lost_count)
+    settings = Settings(lineage_path=tmp_path / "lineage.jsonl", grace_seconds=3)
+    result = execute(
+        spec(fake("tap_counter.py", "--records", "4"), fake("target_head.py")),
+        environ=dict(os.environ),
+        settings=settings,
+    )
+    assert result.status == "success"  # every byte was forwarded; only the counts are unsure
+    assert result.counting_error == "ValueError: a counting bug"
+    assert completed_data(tmp_path)["counting_error"] == "ValueError: a counting bug"
+    assert "counts incomplete: the relay stopped counting: ValueError" in "\n".join(result.notes())
+    landed = next(e for e in events(tmp_path) if e["event"] == "landing")["data"]["streams"]
+    assert [(row["stream"], row["status"]) for row in landed] == [("users", "not checked")]
+    assert landed[0]["reason"] == "the relay's counts are incomplete: ValueError: a counting bug"
+    assert not any(e["event"] == "cross_checks" for e in events(tmp_path))

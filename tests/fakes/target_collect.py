@@ -42,10 +42,11 @@ def main() -> int:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    records = 0
+    records = lines = 0
     with args.out.open("a") as out:
         for line in sys.stdin:
             message = json.loads(line)
+            lines += 1
             if message["type"] == "RECORD":
                 if args.exit_after is not None and records >= args.exit_after:
                     print("target_collect: cannot write: disk full", file=sys.stderr)
@@ -66,7 +67,11 @@ def main() -> int:
         return 1
     if pending is not None:
         confirm(pending)
-    print(f"INFO Reader 'stdin' completed processing {records} lines of input", file=sys.stderr)
+    # As the SDK counts: every message read, not only the records (singer_sdk plugin_base.py).
+    print(
+        f"INFO Reader 'stdin' completed processing {lines} lines of input ({records} records)",
+        file=sys.stderr,
+    )
     return 0
 
 
