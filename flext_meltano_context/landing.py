@@ -1,16 +1,21 @@
-"""Landing reconciliation: after a load, count what landed per stream and compare (issue 7).
+"""Landing reconciliation: after a load, ask the destination what landed per stream (issues 7, 10).
 
 Each destination family (DuckDB, PostgreSQL, SQLite, JSONL and CSV files) names its tables or
-files after the stream the way its target does, and is counted read-only. Databases are counted
-by a short script run with the target's own interpreter when it has the driver (the file a
+files after the stream the way its target does, and is read read-only. Databases are probed by a
+short script run with the target's own interpreter when it has the driver (the file a
 target-duckdb wrote with duckdb 2.x cannot be opened by an older duckdb), else with ours.
 
-Two levels: `exact` counts the rows whose `_sdc_correlation_id` is this run's correlation id
-(the record column must be on for the stream) against the distinct primary keys relayed (upserting
-targets) or the records relayed (appending ones); `approximate` compares the row count before
-and after the load, exact for appends and an upper bound for upserts. A probe never raises into
-the run: what it could not do is a `not checked` result with the reason. Secrets in the target
-config never leave this module: every reason is scrubbed of them.
+Three levels, named in every result:
+- `by key` (default for a stream with key properties): the distinct keys the relay forwarded are
+  streamed to the probe, which anti-joins them against the table, each key cast to the type the
+  destination gave its column: `ok` when every key is there, else `missing N` with a few sample
+  keys. A key that cannot be compared with its column (a float on a text column, an object, a
+  null) makes the stream `not checked`, never `ok`.
+- `by column` (opt-in record column `_sdc_correlation_id`): the rows carrying this run's
+  correlation id against the distinct keys (upserting targets) or records (appending ones).
+- `by count`: rows before and after the load, exact for appends, an upper bound for upserts.
+A probe never raises into the run: what it could not do is a `not checked` result with the
+reason. Secrets in the target config never leave this module: every reason is scrubbed of them.
 """
 
 from __future__ import annotations
@@ -22,20 +27,30 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 
+from flext_meltano_context.keys import KeySet, Uncomparable, decode
+from flext_meltano_context.lineage.redact import redact
 from targets_wrapper import naming
 from targets_wrapper.config import config_path_in, read_config
+
+if TYPE_CHECKING:
+    from flext_meltano_context.keys import KeyCollector
 
 log = structlog.get_logger("flext_meltano_context.landing")
 
 COLUMN = "_sdc_correlation_id"
+BY_KEY, BY_COLUMN, BY_COUNT = "by key", "by column", "by count"
+DEFAULT_SAMPLE_KEYS = 5
+MAX_SAMPLE_CHARS = 200
 PROBE_TIMEOUT = 120.0
 MAX_SNAPSHOT_TABLES = 500
 _FAMILIES = (
@@ -57,10 +72,12 @@ class StreamLanding:
     basis: str  # "records" or "distinct_keys"
     landed: int | None
     status: str  # ok, missing, extra, not checked
-    level: str | None = None  # exact or approximate
-    bound: str | None = None  # approximate only: "exact" (appends, new table) or "upper_bound"
+    level: str | None = None  # by key, by column or by count
+    bound: str | None = None  # by count only: "exact" (appends, new table) or "upper_bound"
     reason: str | None = None
     dataset: Mapping[str, str] | None = None  # OpenLineage {namespace, name}
+    samples: tuple[Mapping[str, Any], ...] = ()  # by key: a few missing keys, {column: value}
+    key_columns: tuple[str, ...] = ()
 
     @property
     def difference(self) -> int:
@@ -86,6 +103,8 @@ class StreamLanding:
             "bound": self.bound,
             "reason": self.reason,
             "dataset": dict(self.dataset) if self.dataset else None,
+            "samples": [dict(sample) for sample in self.samples],
+            "key_columns": list(self.key_columns),
         }
 
 
@@ -121,22 +140,37 @@ class Check:
     before: dict[str, int] | None = None  # destination -> rows before the load
     covered: tuple[str, ...] = ()  # schemas (or directories) the snapshot covered
     before_error: str | None = None
+    sample_keys: int = DEFAULT_SAMPLE_KEYS  # missing keys shown per stream (0: none)
+    workdir: Path | None = None  # where the keys for the probe are written (else a temp dir)
 
     def finish(
         self,
         relayed: Mapping[str, int],
-        distinct_keys: Mapping[str, int],
-        keyed: Mapping[str, bool],
-        exact_streams: frozenset[str],
+        keys: KeySet | None,
+        key_properties: Mapping[str, Sequence[str]],
+        column_streams: frozenset[str],
         correlation_id: str,
+        *,
+        counting_error: str | None = None,
     ) -> Landing:
-        """Count what landed per stream now the target has exited 0; never raises."""
+        """Ask the destination what landed per stream now the target has exited 0; never raises.
+
+        `relayed`: records per stream; `keys`: the distinct keys the relay forwarded;
+        `key_properties`: each stream's SCHEMA keys; `column_streams`: streams given the record
+        column (`*` all); `counting_error`: the relay stopped counting, so nothing is compared.
+        The key set is closed (its spilled files removed) before this returns.
+        """
         began = time.monotonic()
         try:
-            results = _finish(self, relayed, distinct_keys, keyed, exact_streams, correlation_id)
+            results = _finish(
+                self, relayed, keys, key_properties, column_streams, correlation_id, counting_error
+            )
         except Exception as exc:  # noqa: BLE001 - a probe must never fail the run
             reason = self.scrub(f"probe failed: {type(exc).__name__}: {exc}")
             results = [_unchecked(s, n, reason) for s, n in relayed.items()]
+        finally:
+            if keys is not None:
+                keys.close()
         return Landing(
             self.family, self.config_source, tuple(results), round(time.monotonic() - began, 3)
         )
@@ -184,6 +218,8 @@ def prepare(
     approximate: bool,
     cwd: str | None = None,
     config_error: str | None = None,
+    sample_keys: int = DEFAULT_SAMPLE_KEYS,
+    workdir: Path | None = None,
 ) -> Check:
     """Everything to do before the target starts: family, config, counts before the load."""
     family = family_of(names)
@@ -193,7 +229,15 @@ def prepare(
     if config is None:
         why = config_error or "no target config (pass --target-config FILE)"
         return Check(family, reason=why)
-    check = Check(family, config, config_source, cwd=cwd, python=_python_for(argv, family))
+    check = Check(
+        family,
+        config,
+        config_source,
+        cwd=cwd,
+        python=_python_for(argv, family),
+        sample_keys=sample_keys,
+        workdir=workdir,
+    )
     if approximate:
         try:
             _snapshot(check)
@@ -210,6 +254,8 @@ def prepare_run(
     meltano: Any | None,
     approximate: bool,
     cwd: str | None = None,
+    sample_keys: int = DEFAULT_SAMPLE_KEYS,
+    workdir: Path | None = None,
 ) -> Check:
     """The check for one run: config from `--target-config`, the target's `--config`, or Meltano.
 
@@ -240,7 +286,58 @@ def prepare_run(
         approximate=approximate,
         cwd=cwd,
         config_error=error,
+        sample_keys=sample_keys,
+        workdir=workdir,
     )
+
+
+def sample_keys_from_env(environ: Mapping[str, str]) -> int:
+    """How many missing keys a result shows, from FLEXT_CONTEXT_LANDING_SAMPLE_KEYS."""
+    from flext_meltano_context.errors import UsageError
+
+    raw = environ.get("FLEXT_CONTEXT_LANDING_SAMPLE_KEYS", "").strip()
+    if not raw:
+        return DEFAULT_SAMPLE_KEYS
+    if not raw.isdigit() or int(raw) > 1000:
+        raise UsageError(
+            f"FLEXT_CONTEXT_LANDING_SAMPLE_KEYS={raw[:20]!r} is not a whole number from 0 to "
+            "1000 (default 5; 0 hides the sample keys)"
+        )
+    return int(raw)
+
+
+def for_run(
+    *,
+    target: str,
+    argv: Sequence[str],
+    target_config: Path | None,
+    meltano: Any | None,
+    column_streams: frozenset[str],
+    cwd: str | None,
+    workdir: Path | None,
+    environ: Mapping[str, str],
+) -> tuple[Check, KeyCollector | None]:
+    """The run's landing check and, when it can run, the collector of the keys relayed.
+
+    Keys are collected whenever the check can run (issue 10): they are what the check by key
+    compares. Bad settings raise UsageError before any child starts.
+    """
+    from flext_meltano_context.keys import KeyCollector, budget_from_env
+
+    budget = budget_from_env(environ)
+    check = prepare_run(
+        target=target,
+        argv=argv,
+        target_config=target_config,
+        meltano=meltano,
+        approximate="*" not in column_streams,
+        cwd=cwd,
+        sample_keys=sample_keys_from_env(environ),
+        workdir=workdir,
+    )
+    if check.reason is not None:
+        return check, None
+    return check, KeyCollector(KeySet(budget, workdir))
 
 
 def _python_for(argv: Sequence[str], family: str) -> str | None:
@@ -384,15 +481,48 @@ class _sqlite:  # noqa: N801 - a context manager read like a function
 def _finish(
     check: Check,
     relayed: Mapping[str, int],
-    distinct_keys: Mapping[str, int],
-    keyed: Mapping[str, bool],
-    exact_streams: frozenset[str],
+    keys: KeySet | None,
+    key_properties: Mapping[str, Sequence[str]],
+    column_streams: frozenset[str],
     correlation_id: str,
+    counting_error: str | None,
 ) -> list[StreamLanding]:
     if check.family is None or check.reason is not None:
         reason = check.reason or "no landing probe for this target"
         return [_unchecked(stream, n, reason) for stream, n in relayed.items()]
-    exact = {s for s in relayed if "*" in exact_streams or s in exact_streams}
+    if counting_error is not None:
+        reason = check.scrub(
+            f"the relay's counts are incomplete (counting stopped: {counting_error}); "
+            "nothing was compared"
+        )
+        return [_unchecked(stream, n, reason) for stream, n in relayed.items()]
+    by_column = {s for s in relayed if "*" in column_streams or s in column_streams}
+    by_key = {
+        s: tuple(key_properties.get(s) or ())
+        for s in relayed
+        if s not in by_column and key_properties.get(s) and keys is not None
+    }
+    done: dict[str, StreamLanding] = {}
+    if by_key and keys is not None:
+        done.update(_by_key(check, by_key, keys))
+    rest = {s: n for s, n in relayed.items() if s not in done}
+    if rest:
+        distinct = {s: keys.count(s) for s in rest if keys is not None and keys.count(s)}
+        keyed = {s: bool(key_properties.get(s)) for s in rest}
+        for row in _counted(check, rest, distinct, keyed, by_column, correlation_id):
+            done[row.stream] = row
+    return [done[s] for s in relayed]
+
+
+def _counted(
+    check: Check,
+    relayed: Mapping[str, int],
+    distinct_keys: Mapping[str, int],
+    keyed: Mapping[str, bool],
+    exact: set[str],
+    correlation_id: str,
+) -> list[StreamLanding]:
+    """The `by column` and `by count` levels: rows counted, against records or distinct keys."""
     plans: dict[str, tuple[int, str]] = {}
     for stream, records in relayed.items():
         upsert = _upserts(check, keyed.get(stream, False))
@@ -416,7 +546,7 @@ def _finish(
         if stream in exact:
             status = _verdict(expected, landed)
             out.append(
-                StreamLanding(stream, expected, basis, landed, status, "exact", dataset=dataset)
+                StreamLanding(stream, expected, basis, landed, status, BY_COLUMN, dataset=dataset)
             )
             continue
         if before is None:
@@ -428,7 +558,7 @@ def _finish(
                     basis,
                     None,
                     "not checked",
-                    "approximate",
+                    BY_COUNT,
                     reason=why,
                     dataset=dataset,
                 )
@@ -444,7 +574,7 @@ def _finish(
             unit = "key(s)" if basis == "distinct_keys" else "record(s)"
             note = (
                 f"{new_rows} new row(s) for {expected} relayed {unit}: updated rows add none, so "
-                "the relayed figure is an upper bound; turn the record column on for exact counts"
+                "the relayed figure is an upper bound; keys or the record column give exact checks"
             )
         out.append(
             StreamLanding(
@@ -453,7 +583,7 @@ def _finish(
                 basis,
                 new_rows,
                 status,
-                "approximate",
+                BY_COUNT,
                 bound,
                 reason=note,
                 dataset=dataset,
@@ -531,29 +661,22 @@ def _sqlite_counts(check: Check, queries: list[list[Any]]) -> dict[str, list[Any
     return {"counts": counts, "errors": errors}
 
 
-def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int) -> Count:
+def _jsonl_files(check: Check, stream: str) -> tuple[list[Path], dict[str, str]]:
+    """target-jsonl 0.1.4: {destination_path}/{custom_name or stream}[-%Y%m%dT%H%M%S].jsonl."""
     conf = check.config
-    if check.family == "jsonl":
-        # target-jsonl 0.1.4: {destination_path}/{custom_name or stream}[-%Y%m%dT%H%M%S].jsonl
-        folder = _path(check, str(conf.get("destination_path") or "."))
-        name = str(conf.get("custom_name") or stream)
-        if conf.get("custom_name") and n_streams > 1:
-            return None, None, None, "every stream goes to one custom_name file: not separable"
-        files = [
-            p
-            for p in folder.glob(f"{glob_escape(name)}*.jsonl")
-            if re.fullmatch(re.escape(name) + r"(-\d{8}T\d{6})?\.jsonl", p.name)
-        ]
-        dataset = {"namespace": f"file://{folder.resolve()}", "name": f"{name}.jsonl"}
-        if exact:
-            recent = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
-            return sum(_jsonl_matches(p, cid) for p in recent), dataset, None, None
-        landed = sum(_lines(p) for p in files)
-        if check.before is None:
-            return landed, dataset, None, None
-        before = sum(check.before.get(str(p), 0) for p in files)
-        return landed, dataset, (before, before > 0), None
-    # meltanolabs-target-csv 0.5.0: {output_path}/{file_naming_scheme}, replaced each run
+    folder = _path(check, str(conf.get("destination_path") or "."))
+    name = str(conf.get("custom_name") or stream)
+    files = [
+        p
+        for p in folder.glob(f"{glob_escape(name)}*.jsonl")
+        if re.fullmatch(re.escape(name) + r"(-\d{8}T\d{6})?\.jsonl", p.name)
+    ]
+    return files, {"namespace": f"file://{folder.resolve()}", "name": f"{name}.jsonl"}
+
+
+def _csv_files(check: Check, stream: str) -> tuple[list[Path], dict[str, str]]:
+    """meltanolabs-target-csv 0.5.0: {output_path}/{file_naming_scheme}, this run's."""
+    conf = check.config
     scheme = str(conf.get("file_naming_scheme") or "{stream_name}.csv")
     folder = _path(
         check,
@@ -568,7 +691,24 @@ def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int
     pattern = re.sub(r"\{[a-z_]+\}", "*", pattern)
     files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
     files = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
-    dataset = {"namespace": f"file://{folder.resolve()}", "name": pattern}
+    return files, {"namespace": f"file://{folder.resolve()}", "name": pattern}
+
+
+def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int) -> Count:
+    conf = check.config
+    if check.family == "jsonl":
+        if conf.get("custom_name") and n_streams > 1:
+            return None, None, None, "every stream goes to one custom_name file: not separable"
+        files, dataset = _jsonl_files(check, stream)
+        if exact:
+            recent = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
+            return sum(_jsonl_matches(p, cid) for p in recent), dataset, None, None
+        landed = sum(_lines(p) for p in files)
+        if check.before is None:
+            return landed, dataset, None, None
+        before = sum(check.before.get(str(p), 0) for p in files)
+        return landed, dataset, (before, before > 0), None
+    files, dataset = _csv_files(check, stream)
     if not files:
         return 0, dataset, (0, False), None
     rows = _csv_rows(files[-1], cid if exact else None)
@@ -600,6 +740,495 @@ def _csv_rows(path: Path, cid: str | None) -> int:
         return sum(1 for row in reader if row.get(COLUMN) == cid)
 
 
+# --- by key: the relayed keys anti-joined against the destination (issue 10) -----------------
+
+# How a column's type compares with key values: the class of the type the destination gave it.
+_INTEGER_TYPES = frozenset(
+    {"bigint", "integer", "int", "int2", "int4", "int8", "smallint", "tinyint", "hugeint"}
+    | {"ubigint", "uinteger", "usmallint", "utinyint", "uhugeint", "long", "short"}
+)
+_FLOAT_TYPES = frozenset({"double", "double precision", "real", "float", "float4", "float8"})
+_TEXT_TYPES = ("varchar", "text", "character varying", "character", "char", "bpchar", "string")
+_SAFE_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9 _]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?")
+
+
+def column_class(data_type: str) -> str:
+    """`integer`, `numeric`, `float`, `text`, `boolean`, `json` or `other`, from a SQL type name."""
+    name = data_type.strip().lower()
+    base = name.split("(", 1)[0].strip()
+    if base in _INTEGER_TYPES:
+        return "integer"
+    if base in {"decimal", "numeric"}:
+        return "numeric"
+    if base in _FLOAT_TYPES:
+        return "float"
+    if base in _TEXT_TYPES:
+        return "text"
+    if base in {"boolean", "bool"}:
+        return "boolean"
+    if base in {"json", "jsonb"}:
+        return "json"
+    return "other"
+
+
+def wire_value(value: Any, klass: str) -> str | Uncomparable:
+    """One key value as the probe receives it for a column of class `klass`.
+
+    Numbers and booleans travel as their decimal text (cast in SQL to the column's type),
+    strings as `x` + the hex of their UTF-8 bytes (never empty, never quoted, decoded in SQL).
+    What cannot be compared with the column is an Uncomparable saying why.
+    """
+    if isinstance(value, Uncomparable):
+        return Uncomparable(f"a key value that is no scalar ({value[:40]})")
+    if value is None:
+        return Uncomparable("a null key property")
+    if isinstance(value, bool):
+        if klass == "boolean":
+            return "true" if value else "false"
+        return Uncomparable(f"a boolean key on a {klass} column")
+    if isinstance(value, int):
+        if klass in {"integer", "numeric", "float"}:
+            return str(value)
+        if klass == "text":
+            return "x" + str(value).encode().hex()
+        return Uncomparable(f"an integer key on a {klass} column")
+    if isinstance(value, float):
+        if klass == "float":
+            return f"{value:.17g}"
+        return Uncomparable(f"a non-integral number key on a {klass} column")
+    if klass in {"text", "other"}:
+        return "x" + str(value).encode("utf-8", "surrogatepass").hex()
+    return Uncomparable(f"a string key on a {klass} column")
+
+
+def _unwire(text: str) -> Any:
+    """A wire value back as the value it stands for (for sample keys)."""
+    if text.startswith("x"):
+        return bytes.fromhex(text[1:]).decode("utf-8", "backslashreplace")
+    if text in {"true", "false"}:
+        return text == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _sample(columns: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    """One missing key for the report, redacted as the lineage log redacts it."""
+    shown = {}
+    for name, value in zip(columns, values, strict=True):
+        if isinstance(value, str) and len(value) > MAX_SAMPLE_CHARS:
+            value = value[:MAX_SAMPLE_CHARS] + "…"
+        shown[name] = value
+    out: dict[str, Any] = redact(shown)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyJob:
+    """One keyed stream's probe: where its table is and the file of its keys, as wire rows."""
+
+    stream: str
+    schema: str
+    table: str
+    dataset: Mapping[str, str]
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    path: Path
+    keys: int
+
+
+def _by_key(
+    check: Check, streams: Mapping[str, tuple[str, ...]], keys: KeySet
+) -> dict[str, StreamLanding]:
+    """Each keyed stream's result by key: `ok`, `missing N` with samples, or `not checked`."""
+    out: dict[str, StreamLanding] = {}
+    for stream, columns in streams.items():
+        if not keys.count(stream):
+            out[stream] = _key_result(
+                stream, 0, None, "not checked", columns, reason="no key values were collected"
+            )
+    todo = {s: c for s, c in streams.items() if s not in out}
+    if not todo:
+        return out
+    if check.family in {"jsonl", "csv"}:
+        for stream, columns in todo.items():
+            out[stream] = _file_by_key(check, stream, columns, keys)
+        return out
+    with tempfile.TemporaryDirectory(prefix="flext-probe-", dir=check.workdir) as folder:
+        out.update(_tables_by_key(check, todo, keys, Path(folder)))
+    return out
+
+
+def _key_result(
+    stream: str,
+    relayed: int,
+    missing: int | None,
+    status: str,
+    columns: Sequence[str],
+    *,
+    reason: str | None = None,
+    dataset: Mapping[str, str] | None = None,
+    samples: Sequence[Mapping[str, Any]] = (),
+) -> StreamLanding:
+    landed = None if missing is None else relayed - missing
+    return StreamLanding(
+        stream,
+        relayed,
+        "distinct_keys",
+        landed,
+        status,
+        BY_KEY,
+        reason=reason,
+        dataset=dataset,
+        samples=tuple(samples),
+        key_columns=tuple(columns),
+    )
+
+
+def _tables_by_key(
+    check: Check, streams: Mapping[str, tuple[str, ...]], keys: KeySet, folder: Path
+) -> dict[str, StreamLanding]:
+    where = {s: _destination(check, s) for s in streams}
+    if check.family == "sqlite":
+        return {
+            s: _sqlite_by_key(check, s, where[s][1], where[s][2], cols, keys)
+            for s, cols in streams.items()
+        }
+    asked = [[where[s][0], where[s][1], list(cols)] for s, cols in streams.items()]
+    reply = _run_db_probe(check, {"op": "columns", "tables": asked})
+    out: dict[str, StreamLanding] = {}
+    jobs: list[_KeyJob] = []
+    for (stream, columns), types, error in zip(
+        streams.items(), reply["columns"], reply["errors"], strict=True
+    ):
+        schema, table, dataset = where[stream]
+        if error == "no such table":  # nothing landed: the target never created it
+            total, first = _first_keys(keys, stream, check.sample_keys)
+            samples = [_sample(columns, decode(key)) for key in first]
+            out[stream] = _key_result(
+                stream, total, total, "missing", columns, dataset=dataset, samples=samples
+            )
+            continue
+        if error is not None:
+            out[stream] = _key_result(
+                stream,
+                keys.count(stream),
+                None,
+                "not checked",
+                columns,
+                reason=check.scrub(f"cannot read the key columns: {error}"),
+                dataset=dataset,
+            )
+            continue
+        typed = tuple(str(types[c]) for c in columns)
+        path = folder / f"{len(jobs)}.keys"
+        written = _write_wire(keys, stream, columns, typed, path)
+        if isinstance(written, Uncomparable):
+            out[stream] = _key_result(
+                stream,
+                keys.count(stream),
+                None,
+                "not checked",
+                columns,
+                reason=str(written),
+                dataset=dataset,
+            )
+            continue
+        jobs.append(_KeyJob(stream, schema, table, dataset, columns, typed, path, written))
+    if jobs:
+        request = {
+            "op": "missing",
+            "samples": check.sample_keys,
+            "tables": [
+                [j.schema, j.table, list(j.columns), _typed(j.types), str(j.path)] for j in jobs
+            ],
+        }
+        reply = _run_db_probe(check, request)
+        for job, missing, samples, error in zip(
+            jobs, reply["missing"], reply["samples"], reply["errors"], strict=True
+        ):
+            if error is not None:
+                out[job.stream] = _key_result(
+                    job.stream,
+                    job.keys,
+                    None,
+                    "not checked",
+                    job.columns,
+                    reason=check.scrub(f"the probe by key failed: {error}"),
+                    dataset=job.dataset,
+                )
+                continue
+            shown = [_sample(job.columns, [_unwire(v) for v in row]) for row in samples]
+            out[job.stream] = _key_result(
+                job.stream,
+                job.keys,
+                int(missing),
+                "missing" if missing else "ok",
+                job.columns,
+                dataset=job.dataset,
+                samples=shown[: check.sample_keys],
+            )
+    return out
+
+
+def _typed(types: Sequence[str]) -> list[list[Any]]:
+    """Each key column's SQL type, and whether its wire values are hex text (text and others)."""
+    return [[t.strip(), column_class(t) in {"text", "other"}] for t in types]
+
+
+def _first_keys(keys: KeySet, stream: str, n: int) -> tuple[int, list[bytes]]:
+    first: list[bytes] = []
+    total = 0
+    for key in keys.iter(stream):
+        if total < n:
+            first.append(key)
+        total += 1
+    return total, first
+
+
+def _plan(columns: Sequence[str], types: Sequence[str]) -> list[str] | Uncomparable:
+    """Each key column's class, or why the stream's keys cannot be compared."""
+    classes = []
+    for name, data_type in zip(columns, types, strict=True):
+        klass = column_class(data_type)
+        if klass == "json" or not _SAFE_TYPE.fullmatch(data_type.strip()):
+            return Uncomparable(f"key column {name!r} has type {data_type[:60]}: not compared")
+        classes.append(klass)
+    return classes
+
+
+def _write_wire(
+    keys: KeySet, stream: str, columns: Sequence[str], types: Sequence[str], path: Path
+) -> int | Uncomparable:
+    """Write the stream's keys as tab-separated wire rows; how many, or why not comparable."""
+    classes = _plan(columns, types)
+    if isinstance(classes, Uncomparable):
+        return classes
+    written = 0
+    with path.open("w", encoding="ascii", newline="\n", buffering=1 << 20) as out:
+        for key in keys.iter(stream):
+            values = decode(key)
+            row = []
+            for name, value, klass in zip(columns, values, classes, strict=True):
+                wire = wire_value(value, klass)
+                if isinstance(wire, Uncomparable):
+                    return Uncomparable(f"key column {name!r}: {wire}, so keys are not compared")
+                row.append(wire)
+            out.write("\t".join(row) + "\n")
+            written += 1
+    return written
+
+
+def _sqlite_by_key(
+    check: Check,
+    stream: str,
+    table: str,
+    dataset: Mapping[str, str],
+    columns: tuple[str, ...],
+    keys: KeySet,
+) -> StreamLanding:
+    """SQLite in our process: a memory database, the destination attached read-only."""
+    db = _sqlite_path(check)
+    total = keys.count(stream)
+    if not db.exists():
+        total, first = _first_keys(keys, stream, check.sample_keys)
+        samples = [_sample(columns, decode(key)) for key in first]
+        return _key_result(
+            stream, total, total, "missing", columns, dataset=dataset, samples=samples
+        )
+    conn = sqlite3.connect("file::memory:", uri=True, timeout=5)
+    try:
+        conn.execute("ATTACH DATABASE ? AS dst", (f"{db.resolve().as_uri()}?mode=ro",))
+        info = {
+            row[1]: str(row[2] or "") for row in conn.execute(f"PRAGMA dst.table_info({_q(table)})")
+        }
+        if not info:
+            total, first = _first_keys(keys, stream, check.sample_keys)
+            samples = [_sample(columns, decode(key)) for key in first]
+            return _key_result(
+                stream, total, total, "missing", columns, dataset=dataset, samples=samples
+            )
+        absent = [c for c in columns if c not in info]
+        if absent:
+            return _key_result(
+                stream,
+                total,
+                None,
+                "not checked",
+                columns,
+                dataset=dataset,
+                reason=f"key column {absent[0]!r} is not in table {table!r}",
+            )
+        classes = [_sqlite_class(info[c]) for c in columns]
+        insert = f"INSERT INTO temp.flext_keys VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
+        conn.execute(
+            f"CREATE TEMP TABLE flext_keys ({', '.join(f'c{i}' for i in range(len(columns)))})"
+        )
+        batch: list[tuple[Any, ...]] = []
+        for key in keys.iter(stream):
+            row = []
+            for name, value, klass in zip(columns, decode(key), classes, strict=True):
+                wire = wire_value(value, klass)
+                if isinstance(wire, Uncomparable):
+                    return _key_result(
+                        stream,
+                        total,
+                        None,
+                        "not checked",
+                        columns,
+                        dataset=dataset,
+                        reason=f"key column {name!r}: {wire}, so keys are not compared",
+                    )
+                row.append(_unwire(wire))
+            batch.append(tuple(row))
+            if len(batch) >= 10_000:
+                conn.executemany(insert, batch)
+                batch.clear()
+        conn.executemany(insert, batch)
+        match = " AND ".join(f"t.{_q(c)} = k.c{i}" for i, c in enumerate(columns))
+        absent_sql = (
+            f"FROM temp.flext_keys k WHERE NOT EXISTS "  # noqa: S608 - quoted identifiers
+            f"(SELECT 1 FROM dst.{_q(table)} t WHERE {match})"
+        )
+        missing = int(conn.execute(f"SELECT count(*) {absent_sql}").fetchone()[0])
+        rows = conn.execute(f"SELECT * {absent_sql} LIMIT ?", (check.sample_keys,)).fetchall()
+    except sqlite3.Error as exc:
+        return _key_result(
+            stream,
+            total,
+            None,
+            "not checked",
+            columns,
+            dataset=dataset,
+            reason=check.scrub(f"the probe by key failed: {exc}"),
+        )
+    finally:
+        conn.close()
+    samples = [_sample(columns, row) for row in rows]
+    return _key_result(
+        stream,
+        total,
+        missing,
+        "missing" if missing else "ok",
+        columns,
+        dataset=dataset,
+        samples=samples,
+    )
+
+
+def _sqlite_class(declared: str) -> str:
+    """SQLite's column affinity (its rules, in order) as a column class."""
+    upper = declared.upper()
+    if "INT" in upper:
+        return "integer"
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return "text"
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB")):
+        return "float"
+    if not upper or "BLOB" in upper:
+        return "other"
+    return "numeric"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _file_by_key(
+    check: Check, stream: str, columns: tuple[str, ...], keys: KeySet
+) -> StreamLanding:
+    """JSONL and CSV files: the key columns of the rows in the stream's files, against the keys."""
+    total = keys.count(stream)
+    present: set[Any] | Uncomparable
+    compare: Callable[[bytes], Any]
+    if check.family == "jsonl":
+        files, dataset = _jsonl_files(check, stream)
+        present = _jsonl_keys(files, columns)
+        compare = bytes  # both sides are canonical keys
+    else:
+        files, dataset = _csv_files(check, stream)
+        present = _csv_keys(files[-1:], columns)
+        compare = _csv_key
+    if isinstance(present, Uncomparable):
+        return _key_result(
+            stream, total, None, "not checked", columns, dataset=dataset, reason=str(present)
+        )
+    missing = 0
+    samples: list[dict[str, Any]] = []
+    for key in keys.iter(stream):
+        form = compare(key)
+        if isinstance(form, Uncomparable):
+            return _key_result(
+                stream,
+                total,
+                None,
+                "not checked",
+                columns,
+                dataset=dataset,
+                reason=f"{form}, so keys are not compared",
+            )
+        if form not in present:
+            missing += 1
+            if len(samples) < check.sample_keys:
+                samples.append(_sample(columns, decode(key)))
+    status = "missing" if missing else "ok"
+    return _key_result(stream, total, missing, status, columns, dataset=dataset, samples=samples)
+
+
+def _jsonl_keys(files: Sequence[Path], columns: Sequence[str]) -> set[bytes]:
+    from flext_meltano_context.keys import canonical
+
+    fields = [(f"k{i}", msgspec.Raw, msgspec.Raw(b"")) for i in range(len(columns))]
+    row_type = msgspec.defstruct(
+        "KeyRow", fields, rename=dict(zip([f[0] for f in fields], columns, strict=True))
+    )
+    decoder = msgspec.json.Decoder(row_type)
+    names = [f[0] for f in fields]
+    present: set[bytes] = set()
+    for path in files:
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    row = decoder.decode(line)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # not a row of ours (a blank line); it holds no key
+                raws = [bytes(r) if len(r) else None for r in (getattr(row, n) for n in names)]
+                present.add(canonical(raws))
+    return present
+
+
+def _csv_key(key: bytes) -> tuple[str, ...] | Uncomparable:
+    """A canonical key as the text a CSV file holds for it."""
+    out = []
+    for value in decode(key):
+        wire = wire_value(value, "text")
+        if isinstance(wire, Uncomparable):
+            return Uncomparable(f"{wire} (CSV files hold text)")
+        out.append(_csv_number(str(_unwire(wire))))
+    return tuple(out)
+
+
+def _csv_keys(files: Sequence[Path], columns: Sequence[str]) -> set[Any] | Uncomparable:
+    present: set[Any] = set()
+    for path in files:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            absent = [c for c in columns if c not in (reader.fieldnames or [])]
+            if absent:
+                return Uncomparable(f"key column {absent[0]!r} is not in {path.name}")
+            for row in reader:
+                present.add(tuple(_csv_number(row[c]) for c in columns))
+    return present
+
+
+def _csv_number(text: str) -> str:
+    """An integral number written as `1.0` reads as `1`, as the canonical key form has it."""
+    if re.fullmatch(r"-?\d+\.0+", text):
+        return text.split(".", 1)[0]
+    return text
+
+
 # --- database probes, run with the target's interpreter ---------------------------------------
 
 # Reads a JSON request on stdin, prints one JSON reply; read-only, short lock and statement
@@ -613,7 +1242,10 @@ def duck():
     path = conf.get("path") or conf.get("filepath")
     return duckdb.connect(path, read_only=True)
 def pg():
-    opts = "-c default_transaction_read_only=on -c statement_timeout=60000 -c lock_timeout=5000"
+    # The probe by key needs a temporary table, and CREATE is refused in a read-only
+    # transaction: it creates its table first, then makes its transaction read-only.
+    ro = "" if req["op"] == "missing" else "-c default_transaction_read_only=on "
+    opts = ro + "-c statement_timeout=600000 -c lock_timeout=5000"
     url = conf.get("sqlalchemy_url")
     try:
         import psycopg as drv
@@ -634,6 +1266,48 @@ def one(sql, args=()):
     cur.execute(sql, args) if args else cur.execute(sql)
     return cur.fetchone()
 ph = "?" if fam == "duckdb" else "%s"
+def exists(schema, table):
+    return one("SELECT count(*) FROM information_schema.tables WHERE table_schema = " + ph
+               + " AND table_name = " + ph, (schema, table))[0]
+def text(col):  # a wire column holding x + hex of UTF-8 text, as text
+    if fam == "duckdb":
+        return "decode(from_hex(substr(" + col + ", 2)))"
+    return "convert_from(decode(substr(" + col + ", 2), 'hex'), 'UTF8')"
+def missing(schema, table, cols, types, path, n):
+    names = ["c%d" % i for i in range(len(cols))]
+    if fam == "duckdb":
+        spec = "{" + ", ".join("'%s': 'VARCHAR'" % c for c in names) + "}"
+        keys = ("read_csv(" + ph + ", delim='" + chr(9) + "', header=false, "
+                "auto_detect=false, columns=" + spec + ")")
+        args = (path,)
+    else:
+        cur.execute("CREATE TEMP TABLE flext_keys (" + ", ".join(c + " text" for c in names)
+                    + ") ON COMMIT DROP")
+        cur.execute("SET TRANSACTION READ ONLY")
+        sql = "COPY flext_keys FROM STDIN"
+        if hasattr(cur, "copy"):
+            with open(path, "rb") as f, cur.copy(sql) as copy:
+                while block := f.read(1 << 20):
+                    copy.write(block)
+        else:
+            with open(path, "rb") as f:
+                cur.copy_expert(sql, f)
+        keys, args = "flext_keys", ()
+    match = []
+    for col, name, (typ, hexed) in zip(cols, names, types):
+        src = text("k." + name) if hexed else "k." + name
+        match.append("t." + q(col) + " = CAST(" + src + " AS " + typ + ")")
+    absent = (" FROM " + keys + " AS k WHERE NOT EXISTS (SELECT 1 FROM " + q(schema) + "."
+              + q(table) + " AS t WHERE " + " AND ".join(match) + ")")
+    count = one("SELECT count(*)" + absent, args)[0]
+    rows = []
+    if count and n:
+        sql = "SELECT " + ", ".join("k." + c for c in names) + absent + " LIMIT " + str(int(n))
+        cur.execute(sql, args) if args else cur.execute(sql)
+        rows = [list(r) for r in cur.fetchall()]
+    if fam == "postgres":
+        conn.rollback()
+    return int(count), rows
 if req["op"] == "snapshot":
     counts = {}
     for schema in req["schemas"]:
@@ -643,12 +1317,34 @@ if req["op"] == "snapshot":
             sql = "SELECT count(*) FROM " + q(schema) + "." + q(table)
             counts[schema + "." + table] = one(sql)[0]
     print(json.dumps({"counts": counts}))
+elif req["op"] == "columns":
+    found, errors = [], []
+    for schema, table, cols in req["tables"]:
+        if not exists(schema, table):
+            found.append(None); errors.append("no such table"); continue
+        cur.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
+                    "table_schema = " + ph + " AND table_name = " + ph, (schema, table))
+        types = dict(cur.fetchall())
+        absent = [c for c in cols if c not in types]
+        found.append(types if not absent else None)
+        errors.append(None if not absent else "no key column %r in the table" % absent[0])
+    print(json.dumps({"columns": found, "errors": errors}))
+elif req["op"] == "missing":
+    counts, samples, errors = [], [], []
+    for schema, table, cols, types, path in req["tables"]:
+        try:
+            count, rows = missing(schema, table, cols, types, path, req["samples"])
+            counts.append(count); samples.append(rows); errors.append(None)
+        except Exception as exc:
+            counts.append(None); samples.append([])
+            errors.append(type(exc).__name__ + ": " + str(exc)[:300])
+            if fam == "postgres":
+                conn.rollback()
+    print(json.dumps({"missing": counts, "samples": samples, "errors": errors}))
 else:
     counts, errors = [], []
     for schema, table, cid in req["tables"]:
-        exists = one("SELECT count(*) FROM information_schema.tables WHERE table_schema = " + ph
-                     + " AND table_name = " + ph, (schema, table))[0]
-        if not exists:
+        if not exists(schema, table):
             counts.append(None); errors.append("no such table"); continue
         sql = "SELECT count(*) FROM " + q(schema) + "." + q(table)
         try:

@@ -343,7 +343,7 @@ def _run(
     phases: list[PhaseResult] = []
     tap_exit: Exit | None = None
     target_exit: Exit | None = None
-    check, keys = _landing_check(spec, prepared, conf, target_name)
+    check, keys = _landing_check(spec, prepared, conf, target_name, env)
     stopper.install()
     try:
         target = Target(
@@ -514,10 +514,11 @@ def _run(
     if check is not None and stats is not None and error is None and not aborted:
         landing = check.finish(
             {name: s.records for name, s in stats.streams.items() if s.records},
-            keys.distinct() if keys is not None else {},
-            {name: bool(s.key_properties) for name, s in stats.streams.items()},
+            keys.keys if keys is not None else None,
+            {name: s.key_properties for name, s in stats.streams.items()},
             conf.record_column_streams,
             identity.correlation_id,
+            counting_error=stats.counting_error,
         )
         recorder.record("landing", landing.event_data())
     if persister is not None and persister.persisted:
@@ -669,22 +670,24 @@ def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> di
 
 
 def _landing_check(
-    spec: PipelineSpec, prepared: preflight.Prepared, conf: Settings, target_name: str
+    spec: PipelineSpec,
+    prepared: preflight.Prepared,
+    conf: Settings,
+    target_name: str,
+    env: Mapping[str, str],
 ) -> tuple[Check | None, KeyCollector | None]:
-    """The landing check prepared before the target starts (counts before the load), issue 7."""
+    """The landing check prepared before the target starts, and its key collector (issue 10)."""
     if not conf.landing:
         return None, None
     from flext_meltano_context import landing
-    from flext_meltano_context.keys import KeyCollector
 
-    check = landing.prepare_run(
+    return landing.for_run(
         target=spec.target if not spec.standalone else target_name,
         argv=prepared.target_argv,
         target_config=spec.target_config,
         meltano=prepared.meltano,
-        approximate="*" not in conf.record_column_streams,
+        column_streams=conf.record_column_streams,
         cwd=prepared.cwd,
+        workdir=prepared.workdir,
+        environ=env,
     )
-    # Distinct keys cost about 3.5 us per message in the relay: only for the exact level.
-    collect = check.reason is None and bool(conf.record_column_streams)
-    return check, (KeyCollector() if collect else None)
