@@ -832,7 +832,8 @@ class _KeyJob:
     schema: str
     table: str
     dataset: Mapping[str, str]
-    columns: tuple[str, ...]
+    columns: tuple[str, ...]  # the key properties, as the SCHEMA names them
+    names: tuple[str, ...]  # the table's columns for them
     types: tuple[str, ...]
     path: Path
     keys: int
@@ -921,7 +922,19 @@ def _tables_by_key(
                 dataset=dataset,
             )
             continue
-        typed = tuple(str(types[c]) for c in columns)
+        named = resolve_columns(columns, types)
+        if isinstance(named, Uncomparable):
+            out[stream] = _key_result(
+                stream,
+                keys.count(stream),
+                None,
+                "not checked",
+                columns,
+                reason=f"{named} of table {schema}.{table}",
+                dataset=dataset,
+            )
+            continue
+        typed = tuple(str(types[c]) for c in named)
         path = folder / f"{len(jobs)}.keys"
         written = _write_wire(keys, stream, columns, typed, path)
         if isinstance(written, Uncomparable):
@@ -935,16 +948,18 @@ def _tables_by_key(
                 dataset=dataset,
             )
             continue
-        jobs.append(_KeyJob(stream, schema, table, dataset, columns, typed, path, written))
+        jobs.append(_KeyJob(stream, schema, table, dataset, columns, named, typed, path, written))
     if jobs:
         request = {
             "op": "missing",
             "samples": check.sample_keys,
             "tables": [
-                [j.schema, j.table, list(j.columns), _typed(j.types), str(j.path)] for j in jobs
+                [j.schema, j.table, list(j.names), _typed(j.types), str(j.path)] for j in jobs
             ],
         }
-        reply = _run_db_probe(check, request)
+        # The anti-join reads every key: allow it time in proportion to their number.
+        timeout = max(PROBE_TIMEOUT, sum(j.keys for j in jobs) / 20_000)
+        reply = _run_db_probe(check, request, timeout=timeout)
         for job, missing, samples, error in zip(
             jobs, reply["missing"], reply["samples"], reply["errors"], strict=True
         ):
@@ -970,6 +985,27 @@ def _tables_by_key(
                 samples=shown[: check.sample_keys],
             )
     return out
+
+
+def resolve_columns(
+    properties: Sequence[str], types: Mapping[str, Any]
+) -> tuple[str, ...] | Uncomparable:
+    """The table's column for each key property: the same name, else the one name equal to it
+    ignoring case and punctuation (targets lower-case and snake-case names: `userId`, `userid`).
+    """
+    out = []
+    for name in properties:
+        if name in types:
+            out.append(name)
+            continue
+        folded = [c for c in types if c.casefold() == name.casefold()]
+        if len(folded) != 1:
+            bare = re.sub(r"[^0-9a-z]", "", name.casefold())
+            folded = [c for c in types if re.sub(r"[^0-9a-z]", "", c.casefold()) == bare]
+        if len(folded) != 1:
+            return Uncomparable(f"no column for key property {name!r}")
+        out.append(folded[0])
+    return tuple(out)
 
 
 def _typed(types: Sequence[str]) -> list[list[Any]]:
@@ -1049,8 +1085,8 @@ def _sqlite_by_key(
             return _key_result(
                 stream, total, total, "missing", columns, dataset=dataset, samples=samples
             )
-        absent = [c for c in columns if c not in info]
-        if absent:
+        named = resolve_columns(columns, info)
+        if isinstance(named, Uncomparable):
             return _key_result(
                 stream,
                 total,
@@ -1058,9 +1094,9 @@ def _sqlite_by_key(
                 "not checked",
                 columns,
                 dataset=dataset,
-                reason=f"key column {absent[0]!r} is not in table {table!r}",
+                reason=f"{named} in table {table!r}",
             )
-        classes = [_sqlite_class(info[c]) for c in columns]
+        classes = [_sqlite_class(info[c]) for c in named]
         insert = f"INSERT INTO temp.flext_keys VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
         conn.execute(
             f"CREATE TEMP TABLE flext_keys ({', '.join(f'c{i}' for i in range(len(columns)))})"
@@ -1086,7 +1122,7 @@ def _sqlite_by_key(
                 conn.executemany(insert, batch)
                 batch.clear()
         conn.executemany(insert, batch)
-        match = " AND ".join(f"t.{_q(c)} = k.c{i}" for i, c in enumerate(columns))
+        match = " AND ".join(f"t.{_q(c)} = k.c{i}" for i, c in enumerate(named))
         absent_sql = (
             f"FROM temp.flext_keys k WHERE NOT EXISTS "  # noqa: S608 - quoted identifiers
             f"(SELECT 1 FROM dst.{_q(table)} t WHERE {match})"
@@ -1324,10 +1360,8 @@ elif req["op"] == "columns":
             found.append(None); errors.append("no such table"); continue
         cur.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
                     "table_schema = " + ph + " AND table_name = " + ph, (schema, table))
-        types = dict(cur.fetchall())
-        absent = [c for c in cols if c not in types]
-        found.append(types if not absent else None)
-        errors.append(None if not absent else "no key column %r in the table" % absent[0])
+        found.append(dict(cur.fetchall()))
+        errors.append(None)
     print(json.dumps({"columns": found, "errors": errors}))
 elif req["op"] == "missing":
     counts, samples, errors = [], [], []
@@ -1359,7 +1393,9 @@ conn.close()
 """.replace("__MAX__", str(MAX_SNAPSHOT_TABLES)).replace("__COLUMN__", COLUMN)
 
 
-def _run_db_probe(check: Check, request: Mapping[str, Any]) -> dict[str, Any]:
+def _run_db_probe(
+    check: Check, request: Mapping[str, Any], *, timeout: float = PROBE_TIMEOUT
+) -> dict[str, Any]:
     """Run the probe script with the target's interpreter (or ours); its JSON reply."""
     python = check.python or sys.executable
     payload = json.dumps({**request, "family": check.family, "config": dict(check.config)})
@@ -1369,12 +1405,12 @@ def _run_db_probe(check: Check, request: Mapping[str, Any]) -> dict[str, Any]:
             input=payload,
             capture_output=True,
             text=True,
-            timeout=PROBE_TIMEOUT,
+            timeout=timeout,
             check=False,
             cwd=check.cwd,
         )
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"the {check.family} count took over {PROBE_TIMEOUT:.0f} s") from exc
+        raise RuntimeError(f"the {check.family} probe took over {timeout:.0f} s") from exc
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
         raise RuntimeError(check.scrub(tail))

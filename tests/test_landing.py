@@ -335,3 +335,26 @@ def test_sample_keys_are_redacted_when_the_key_column_looks_secret(tmp_path: Pat
     )
     (row,) = result.streams
     assert (row.label, list(row.samples)) == ("missing 1", [{"api_key": "[REDACTED]"}])
+
+
+def test_a_key_property_finds_the_column_the_target_renamed(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        conn.execute("CREATE TABLE users (user_id INTEGER, other TEXT)")
+        conn.execute("INSERT INTO users VALUES (7, 'x')")
+    keys = KeySet()
+    keys.add_many("users", [canonical([b"7"]), canonical([b"8"])])
+    result = sqlite_check(tmp_path).finish(
+        {"users": 2}, keys, {"users": ["userId"]}, frozenset(), "run"
+    )
+    (row,) = result.streams
+    assert (row.label, list(row.samples)) == ("missing 1", [{"userId": 8}])
+    keys = KeySet()
+    keys.add_many("users", [canonical([b"7"])])
+    result = sqlite_check(tmp_path).finish(
+        {"users": 1}, keys, {"users": ["nope"]}, frozenset(), "run"
+    )
+    (row,) = result.streams
+    assert (row.status, row.reason) == (
+        "not checked",
+        "no column for key property 'nope' in table 'users'",
+    )
