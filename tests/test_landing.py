@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flext_meltano_context.keys import KeySet, canonical
 from tests.conftest import fake, install_tool
@@ -358,3 +360,29 @@ def test_a_key_property_finds_the_column_the_target_renamed(tmp_path: Path) -> N
         "not checked",
         "no column for key property 'nope' in table 'users'",
     )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["integer", "text", "float", "other"]), st.integers() | st.text()
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_the_fast_wire_path_writes_what_the_slow_one_does(parts: list[tuple[str, Any]]) -> None:
+    from flext_meltano_context.landing import _fast_wire, _slow_wire
+
+    classes = [klass for klass, _value in parts]
+    key = canonical([json.dumps(value).encode() for _klass, value in parts])
+    fast = _fast_wire(key, classes)
+    slow = _slow_wire(key, [f"c{i}" for i in range(len(parts))], classes)
+    if fast is not None:
+        assert fast == slow
+    else:  # only what the fast path leaves to the slow one: other kinds, or not comparable
+        assert any(
+            (isinstance(v, int) and k not in {"integer", "float"})
+            or (isinstance(v, str) and k not in {"text", "other"})
+            for k, v in parts
+        )
