@@ -113,22 +113,24 @@ def decode(key: bytes) -> tuple[Any, ...]:
 
 
 DEFAULT_BUDGET_MB = 256
-# What one distinct key costs in memory besides its bytes: the bytes object's header and
-# allocator rounding (~40), its set slot at the set's load factor (~40), and the pointer in
-# the list sorted before a spill (8). Measured with benchmarks/keys.py; erring high keeps the
-# peak under the budget.
-_PER_KEY = 88
+# What one key costs in memory besides its bytes: the bytes object's header and allocator
+# rounding (~40), its list slot and the list's over-allocation (~9), and the sort's merge buffer
+# (~4). A list, not a set: a set's table costs 30-50 bytes a key more and doubles on growth,
+# which is what made a set-backed KeySet pass its budget (benchmarks/keys.py).
+_PER_KEY = 56
 _RECORD = struct.Struct("<I")  # a spilled key: its length, then its bytes
 
 
 class KeySet:
     """Distinct canonical keys per stream, in memory up to a budget, then spilled to disk.
 
-    The interface the relay fills and the landing probe reads. Past `budget_bytes` the keys in
-    memory are written, sorted, as one run file per stream in a directory of their own (under
-    `spill_dir`, the run's work directory, else the system's temporary directory); reading merges
-    the runs and the keys still in memory and skips repeats, so `iter()` yields each distinct key
-    once and `count()` is exact. `close()` removes the files (so does garbage collection).
+    The interface the relay fills and the landing probe reads. Keys are appended to a list per
+    stream; past `budget_bytes` the lists are sorted and stripped of repeats, and if that does not
+    free half the budget they are written as sorted run files (one per stream and spill) in a
+    directory of their own (under `spill_dir`, the run's work directory, else the system's
+    temporary directory). Reading merges the runs and the keys in memory and skips repeats, so
+    `iter()` yields each distinct key once and `count()` is exact. `close()` removes the files
+    (so does garbage collection).
     """
 
     def __init__(
@@ -136,7 +138,9 @@ class KeySet:
     ) -> None:
         self.budget_bytes = budget_bytes
         self._parent = spill_dir
-        self._keys: dict[str, set[bytes]] = {}
+        self._keys: dict[str, list[bytes]] = {}
+        self._size: dict[str, int] = {}  # mean key length per stream, for the estimate
+        self._distinct: set[str] = set()  # streams whose list is sorted and without repeats
         self._runs: dict[str, list[Path]] = {}
         self._counted: dict[str, int] = {}  # exact distinct counts of spilled streams, cached
         self._used = 0
@@ -148,16 +152,15 @@ class KeySet:
         batch = keys if isinstance(keys, list) else list(keys)
         if not batch:
             return
-        held = self._keys.setdefault(stream, set())
-        before = len(held)
-        held.update(batch)
-        added = len(held) - before
-        if added:
-            self._counted.pop(stream, None)
-            # The batch's mean key length stands for the new keys' (a loop per key costs 40%).
-            self._used += added * (sum(map(len, batch)) // len(batch) + 1 + _PER_KEY)
-            if self._used > self.budget_bytes:
-                self.spill()
+        held = self._keys.setdefault(stream, [])
+        held.extend(batch)
+        self._distinct.discard(stream)
+        self._counted.pop(stream, None)
+        mean = sum(map(len, batch)) // len(batch) + 1
+        self._size[stream] = max(self._size.get(stream, 0), mean)
+        self._used += len(batch) * (mean + _PER_KEY)
+        if self._used > self.budget_bytes:
+            self._shrink()
 
     def streams(self) -> list[str]:
         return sorted(self._keys.keys() | self._runs.keys())
@@ -165,42 +168,59 @@ class KeySet:
     def count(self, stream: str) -> int:
         """The stream's distinct keys, exactly (a merge pass over spilled runs, then cached)."""
         if stream not in self._runs:
-            return len(self._keys.get(stream, ()))
+            return len(self._sorted(stream))
         if stream not in self._counted:
             self._counted[stream] = sum(1 for _ in self.iter(stream))
         return self._counted[stream]
 
     def iter(self, stream: str) -> Iterator[bytes]:
-        """The stream's distinct keys, each once (order unspecified; sorted once spilled)."""
+        """The stream's distinct keys, each once, in byte order."""
+        held = self._sorted(stream)
         runs = self._runs.get(stream)
         if not runs:
-            return iter(self._keys.get(stream, ()))
-        return _distinct(
-            heapq.merge(sorted(self._keys.get(stream, ())), *(_read_run(p) for p in runs))
-        )
+            return iter(held)
+        return _distinct(heapq.merge(held, *(_read_run(p) for p in runs)))
 
     @property
     def spilled(self) -> bool:
         return bool(self._runs)
 
+    def _sorted(self, stream: str) -> list[bytes]:
+        """The stream's keys in memory, sorted and without repeats (in place)."""
+        held = self._keys.get(stream, [])
+        if stream not in self._distinct:
+            held.sort()
+            _strip_repeats(held)
+            self._distinct.add(stream)
+        return held
+
+    def _shrink(self) -> None:
+        """Past the budget: drop repeats; spill when that does not free half of it."""
+        for stream in self._keys:
+            self._sorted(stream)
+        self._used = sum(
+            len(held) * (self._size[stream] + _PER_KEY) for stream, held in self._keys.items()
+        )
+        if self._used > self.budget_bytes // 2:
+            self.spill()
+
     def spill(self) -> None:
         """Write every stream's keys in memory to a sorted run file and free that memory."""
         folder = self._folder()
-        for stream, held in self._keys.items():
+        for stream in list(self._keys):
+            held = self._sorted(stream)
             if not held:
                 continue
             runs = self._runs.setdefault(stream, [])
             path = folder / f"{len(self._runs)}-{len(runs)}.keys"
-            ordered = sorted(held)
-            held.clear()
             with path.open("wb", buffering=1 << 20) as out:
                 pack = _RECORD.pack
-                for key in ordered:
+                for key in held:
                     out.write(pack(len(key)))
                     out.write(key)
-            del ordered
             runs.append(path)
-        self._keys = {stream: set() for stream in self._keys}  # new sets: the old tables go
+            self._keys[stream] = []  # a new list: the old one and its keys are freed
+            del held
         self._used = 0
         self.spills += 1
 
@@ -216,10 +236,25 @@ class KeySet:
         self._keys.clear()
         self._runs.clear()
         self._counted.clear()
+        self._distinct.clear()
         self._used = 0
         if self._cleanup is not None:
             self._cleanup()
             self._cleanup, self._dir = None, None
+
+
+def _strip_repeats(ordered: list[bytes]) -> None:
+    """Remove adjacent repeats from a sorted list, in place (no second list in memory)."""
+    if len(ordered) < 2:
+        return
+    write = 1
+    previous = ordered[0]
+    for key in ordered:
+        if key != previous:
+            ordered[write] = key
+            write += 1
+            previous = key
+    del ordered[write:]
 
 
 def _read_run(path: Path) -> Iterator[bytes]:
