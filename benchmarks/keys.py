@@ -104,7 +104,7 @@ def variant_probe(count: int, work: Path) -> dict[str, Any]:
     database = work / "w.duckdb"
     with duckdb.connect(str(database)) as conn:
         conn.execute("CREATE SCHEMA raw")
-        conn.execute(f"CREATE TABLE raw.s AS SELECT range AS id FROM range(1, {count})")
+        conn.execute("CREATE TABLE raw.s AS SELECT range AS id FROM range(1, ?)", [count])
     keys = KeySet(spill_dir=work)
     for batch in batches(count):
         keys.add_many("s", batch)

@@ -426,7 +426,7 @@ def _upserts(check: Check, keyed: bool) -> bool:
 
 
 def _snapshot(check: Check) -> None:
-    """Row counts before the load, for the approximate level."""
+    """Row counts before the load, for the `by count` level."""
     if check.family in {"duckdb", "postgres"}:
         conf = check.config
         schemas = {str(conf.get("default_target_schema") or "").strip()} - {""}
