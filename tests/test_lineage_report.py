@@ -457,3 +457,21 @@ def test_cross_checks_and_incomplete_counts_are_reported_and_gated(
             "all streams of run run-x: count_mismatch, the target reported reading 4 against "
             "22 relayed"
         ) in err
+
+
+@pytest.mark.parametrize(
+    ("records", "code"), [(0, 0), (3, 1)], ids=["no-records-nothing-to-land", "records-unchecked"]
+)
+def test_a_stream_without_a_landing_result_fails_only_if_it_had_records(
+    tmp_path: Path, records: int, code: int
+) -> None:
+    log = tmp_path / "lineage.jsonl"
+    recorder = Recorder(log, run_id="run-y", correlation_id="cid-y")
+    recorder.record("run_started", {"pipeline": {"name": "p", "tap": "t", "target": "x"}})
+    recorder.record("stream_stats", {"stream": "users", "counts": {"RECORD": records}})
+    recorder.record("run_completed", {"status": "success", "records": records, "bytes": 0})
+    recorder.close()
+    got, _out, err = _invoke("check", "--log", str(log), "--require-landed")
+    assert got == code, err
+    if code:
+        assert "stream 'users' of run run-y: not checked (no landing check ran)" in err
