@@ -273,3 +273,52 @@ def test_by_key_a_row_deleted_after_the_load_is_missing_and_named(
     assert "stream 'users'" in gate.stderr
     assert "e.g. id=777" in gate.stderr
     assert "stream 'orders'" not in gate.stderr
+
+
+PROBE_SESSION = """
+import json, sys, psycopg
+conf = json.loads(sys.argv[1])
+out = {}
+with psycopg.connect(host=conf["host"], port=conf["port"], user=conf["user"],
+                     password=conf["password"], dbname=conf["database"]) as conn:
+    conn.execute("CREATE TABLE IF NOT EXISTS public.probe_guard (id int)")
+    conn.commit()
+    conn.execute("SET TRANSACTION READ ONLY")
+    try:
+        conn.execute("CREATE TEMP TABLE k (c text)")
+    except psycopg.Error as exc:
+        out["create_in_read_only"] = type(exc).__name__
+    conn.rollback()
+    conn.execute("CREATE TEMP TABLE k (c text) ON COMMIT DROP")
+    conn.execute("SET TRANSACTION READ ONLY")
+    with conn.cursor().copy("COPY k FROM STDIN") as copy:
+        copy.write(b"1\\n2\\n")
+    out["copied"] = conn.execute("SELECT count(*) FROM k").fetchone()[0]
+    try:
+        conn.execute("INSERT INTO public.probe_guard VALUES (1)")
+    except psycopg.Error as exc:
+        out["write_after"] = type(exc).__name__
+    conn.rollback()
+print(json.dumps(out))
+"""
+
+
+def test_the_probe_session_is_read_only_once_its_temporary_table_exists(
+    postgres: Server,
+) -> None:
+    # Why the probe creates its table first: CREATE is refused in a read-only transaction, while
+    # COPY into a temporary table is allowed there and a write to any other table is not.
+    python = install_tool(TARGET_POSTGRES) / "python"
+    done = subprocess.run(
+        [str(python), "-c", PROBE_SESSION, json.dumps(postgres.config())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "create_in_read_only": "ReadOnlySqlTransaction",
+        "copied": 2,
+        "write_after": "ReadOnlySqlTransaction",
+    }
