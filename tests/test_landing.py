@@ -372,7 +372,7 @@ def test_a_key_property_finds_the_column_the_target_renamed(tmp_path: Path) -> N
     )
 )
 def test_the_fast_wire_path_writes_what_the_slow_one_does(parts: list[tuple[str, Any]]) -> None:
-    from flext_meltano_context.landing import _fast_wire, _slow_wire
+    from flext_meltano_context.keyprobe import _fast_wire, _slow_wire
 
     classes = [klass for klass, _value in parts]
     key = canonical([json.dumps(value).encode() for _klass, value in parts])
