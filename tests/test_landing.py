@@ -386,3 +386,37 @@ def test_the_fast_wire_path_writes_what_the_slow_one_does(parts: list[tuple[str,
             or (isinstance(v, str) and k not in {"text", "other"})
             for k, v in parts
         )
+
+
+@pytest.mark.parametrize(
+    ("new_rows", "status"), [(2, "ok"), (7, "extra")], ids=["within-bound", "over-bound"]
+)
+def test_without_keys_an_upserting_count_is_only_an_upper_bound_and_says_so(
+    tmp_path: Path, new_rows: int, status: str
+) -> None:
+    from flext_meltano_context import landing
+
+    db = tmp_path / "w.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+        conn.executemany("INSERT INTO users VALUES (?)", [(n,) for n in range(100, 104)])
+    check = landing.prepare(
+        names=["target-sqlite"],
+        argv=["target-sqlite"],
+        config={"database": str(tmp_path / "w")},
+        config_source="test",
+        approximate=True,
+    )
+    with sqlite3.connect(db) as conn:  # the load: some keys updated (no new row), some new
+        conn.executemany("INSERT INTO users VALUES (?)", [(n,) for n in range(new_rows)])
+    # No key set (keys were not collected): 5 upserted records are at most 5 new rows.
+    result = check.finish({"users": 5}, None, {"users": ["id"]}, frozenset(), "run")
+    (row,) = result.streams
+    assert (row.status, row.level, row.bound, row.landed, row.relayed) == (
+        status,
+        "by count",
+        "upper_bound",
+        new_rows,
+        5,
+    )
+    assert "upper bound" in (row.reason or "")
