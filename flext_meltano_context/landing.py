@@ -810,12 +810,13 @@ def missing(schema, table, cols, types, path, n):
         match.append("t." + q(col) + " = CAST(" + src + " AS " + typ + ")")
     absent = (" FROM " + keys + " AS k WHERE NOT EXISTS (SELECT 1 FROM " + q(schema) + "."
               + q(table) + " AS t WHERE " + " AND ".join(match) + ")")
-    count = one("SELECT count(*)" + absent, args)[0]
-    rows = []
-    if count and n:
-        sql = "SELECT " + ", ".join("k." + c for c in names) + absent + " LIMIT " + str(int(n))
-        cur.execute(sql, args) if args else cur.execute(sql)
-        rows = [list(r) for r in cur.fetchall()]
+    # One pass: the count of missing keys rides on each of the few sample rows returned.
+    sql = ("SELECT count(*) OVER ()" + "".join(", k." + c for c in names) + absent
+           + " LIMIT " + str(max(1, int(n))))
+    cur.execute(sql, args) if args else cur.execute(sql)
+    found = cur.fetchall()
+    count = found[0][0] if found else 0
+    rows = [list(r[1:]) for r in found][:int(n)]
     if fam == "postgres":
         conn.rollback()
     return int(count), rows
