@@ -354,7 +354,13 @@ def _min_records(values: tuple[str, ...]) -> dict[str, int]:
 @click.option(
     "--require-landed",
     is_flag=True,
-    help="Fail when the landing check found rows missing in the destination.",
+    help="Fail unless every stream is proven landed: fails on missing rows, on a count_mismatch "
+    "and on a stream not checked.",
+)
+@click.option(
+    "--allow-unchecked",
+    is_flag=True,
+    help="With --require-landed: accept streams the landing check could not check.",
 )
 @click.option("--min-records", multiple=True, metavar="STREAM=N", help="Repeatable.")
 @click.option(
@@ -370,6 +376,7 @@ def check(
     last: bool,
     require_success: bool,
     require_landed: bool,
+    allow_unchecked: bool,
     min_records: tuple[str, ...],
     max_drop_pct: float | None,
     log_path: Path | None,
@@ -392,6 +399,7 @@ def check(
         max_drop_pct=max_drop_pct,
         previous=previous,
         require_landed=require_landed,
+        allow_unchecked=allow_unchecked,
     )
     if max_drop_pct is not None and previous is None:
         click.echo(

@@ -18,9 +18,14 @@ pure-Python collector and the compiled scanner produce alike (issue 14):
 from __future__ import annotations
 
 import decimal
+import heapq
 import json
+import shutil
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -107,32 +112,184 @@ def decode(key: bytes) -> tuple[Any, ...]:
     return tuple(out)
 
 
-class KeySet:
-    """Distinct canonical keys per stream.
+DEFAULT_BUDGET_MB = 256
+# What one key costs in memory besides its bytes: the bytes object's header and allocator
+# rounding (~40), its list slot and the list's over-allocation (~9), and the sort's merge buffer
+# (~4). A list, not a set: a set's table costs 30-50 bytes a key more and doubles on growth,
+# which is what made a set-backed KeySet pass its budget (benchmarks/keys.py).
+_PER_KEY = 56
+_RECORD = struct.Struct("<I")  # a spilled key: its length, then its bytes
 
-    The interface the relay fills and the landing probe reads. This first version keeps every
-    key in memory; issue 10 bounds it (a budget, then sorted runs on disk in the run's work
-    directory) without changing the interface.
+
+class KeySet:
+    """Distinct canonical keys per stream, in memory up to a budget, then spilled to disk.
+
+    The interface the relay fills and the landing probe reads. Keys are appended to a list per
+    stream; past `budget_bytes` the lists are sorted and stripped of repeats, and if that does not
+    free half the budget they are written as sorted run files (one per stream and spill) in a
+    directory of their own (under `spill_dir`, the run's work directory, else the system's
+    temporary directory). Reading merges the runs and the keys in memory and skips repeats, so
+    `iter()` yields each distinct key once and `count()` is exact. `close()` removes the files
+    (so does garbage collection).
     """
 
-    def __init__(self) -> None:
-        self._keys: dict[str, set[bytes]] = {}
+    def __init__(
+        self, budget_bytes: int = DEFAULT_BUDGET_MB << 20, spill_dir: Path | None = None
+    ) -> None:
+        self.budget_bytes = budget_bytes
+        self._parent = spill_dir
+        self._keys: dict[str, list[bytes]] = {}
+        self._size: dict[str, int] = {}  # mean key length per stream, for the estimate
+        self._distinct: set[str] = set()  # streams whose list is sorted and without repeats
+        self._runs: dict[str, list[Path]] = {}
+        self._counted: dict[str, int] = {}  # exact distinct counts of spilled streams, cached
+        self._used = 0
+        self._dir: Path | None = None
+        self._cleanup: weakref.finalize[Any, Any] | None = None
+        self.spills = 0
 
     def add_many(self, stream: str, keys: Iterable[bytes]) -> None:
-        self._keys.setdefault(stream, set()).update(keys)
+        batch = keys if isinstance(keys, list) else list(keys)
+        if not batch:
+            return
+        held = self._keys.setdefault(stream, [])
+        held.extend(batch)
+        self._distinct.discard(stream)
+        self._counted.pop(stream, None)
+        mean = sum(map(len, batch)) // len(batch) + 1
+        self._size[stream] = max(self._size.get(stream, 0), mean)
+        self._used += len(batch) * (mean + _PER_KEY)
+        if self._used > self.budget_bytes:
+            self._shrink()
 
     def streams(self) -> list[str]:
-        return sorted(self._keys)
+        return sorted(self._keys.keys() | self._runs.keys())
 
     def count(self, stream: str) -> int:
-        return len(self._keys.get(stream, ()))
+        """The stream's distinct keys, exactly (a merge pass over spilled runs, then cached)."""
+        if stream not in self._runs:
+            return len(self._sorted(stream))
+        if stream not in self._counted:
+            self._counted[stream] = sum(1 for _ in self.iter(stream))
+        return self._counted[stream]
 
     def iter(self, stream: str) -> Iterator[bytes]:
-        """The stream's distinct keys, each once (order unspecified)."""
-        return iter(self._keys.get(stream, ()))
+        """The stream's distinct keys, each once, in byte order."""
+        held = self._sorted(stream)
+        runs = self._runs.get(stream)
+        if not runs:
+            return iter(held)
+        return _distinct(heapq.merge(held, *(_read_run(p) for p in runs)))
+
+    @property
+    def spilled(self) -> bool:
+        return bool(self._runs)
+
+    def _sorted(self, stream: str) -> list[bytes]:
+        """The stream's keys in memory, sorted and without repeats (in place)."""
+        held = self._keys.get(stream, [])
+        if stream not in self._distinct:
+            held.sort()
+            _strip_repeats(held)
+            self._distinct.add(stream)
+        return held
+
+    def _shrink(self) -> None:
+        """Past the budget: drop repeats; spill when that does not free half of it."""
+        for stream in self._keys:
+            self._sorted(stream)
+        self._used = sum(
+            len(held) * (self._size[stream] + _PER_KEY) for stream, held in self._keys.items()
+        )
+        if self._used > self.budget_bytes // 2:
+            self.spill()
+
+    def spill(self) -> None:
+        """Write every stream's keys in memory to a sorted run file and free that memory."""
+        folder = self._folder()
+        for stream in list(self._keys):
+            held = self._sorted(stream)
+            if not held:
+                continue
+            runs = self._runs.setdefault(stream, [])
+            path = folder / f"{len(self._runs)}-{len(runs)}.keys"
+            with path.open("wb", buffering=1 << 20) as out:
+                pack = _RECORD.pack
+                for key in held:
+                    out.write(pack(len(key)))
+                    out.write(key)
+            runs.append(path)
+            self._keys[stream] = []  # a new list: the old one and its keys are freed
+            del held
+        self._used = 0
+        self.spills += 1
+
+    def _folder(self) -> Path:
+        if self._dir is None:
+            if self._parent is not None:
+                self._parent.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="flext-keys-", dir=self._parent))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        return self._dir
 
     def close(self) -> None:
         self._keys.clear()
+        self._runs.clear()
+        self._counted.clear()
+        self._distinct.clear()
+        self._used = 0
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup, self._dir = None, None
+
+
+def _strip_repeats(ordered: list[bytes]) -> None:
+    """Remove adjacent repeats from a sorted list, in place (no second list in memory)."""
+    if len(ordered) < 2:
+        return
+    write = 1
+    previous = ordered[0]
+    for key in ordered:
+        if key != previous:
+            ordered[write] = key
+            write += 1
+            previous = key
+    del ordered[write:]
+
+
+def _read_run(path: Path) -> Iterator[bytes]:
+    unpack = _RECORD.unpack
+    with path.open("rb", buffering=1 << 20) as handle:
+        while head := handle.read(4):
+            (size,) = unpack(head)
+            yield handle.read(size)
+
+
+def _distinct(ordered: Iterable[bytes]) -> Iterator[bytes]:
+    previous: bytes | None = None
+    for key in ordered:
+        if key != previous:
+            yield key
+            previous = key
+
+
+def budget_from_env(environ: Mapping[str, str]) -> int:
+    """The key set's memory budget in bytes, from FLEXT_CONTEXT_LANDING_KEY_BUDGET_MB."""
+    from flext_meltano_context.errors import UsageError
+
+    raw = environ.get("FLEXT_CONTEXT_LANDING_KEY_BUDGET_MB", "").strip()
+    if not raw:
+        return DEFAULT_BUDGET_MB << 20
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes > 0:
+        raise UsageError(
+            f"FLEXT_CONTEXT_LANDING_KEY_BUDGET_MB={raw[:20]!r} is not a positive number of "
+            "megabytes (default 256)"
+        )
+    return int(megabytes * (1 << 20))
 
 
 class _Head(msgspec.Struct, gc=False):

@@ -1,16 +1,22 @@
-"""Landing reconciliation: after a load, count what landed per stream and compare (issue 7).
+"""Landing reconciliation: after a load, ask the destination what landed per stream (issues 7, 10).
 
 Each destination family (DuckDB, PostgreSQL, SQLite, JSONL and CSV files) names its tables or
-files after the stream the way its target does, and is counted read-only. Databases are counted
-by a short script run with the target's own interpreter when it has the driver (the file a
+files after the stream the way its target does, and is read read-only. Databases are probed by a
+short script run with the target's own interpreter when it has the driver (the file a
 target-duckdb wrote with duckdb 2.x cannot be opened by an older duckdb), else with ours.
 
-Two levels: `exact` counts the rows whose `_sdc_correlation_id` is this run's correlation id
-(the record column must be on for the stream) against the distinct primary keys relayed (upserting
-targets) or the records relayed (appending ones); `approximate` compares the row count before
-and after the load, exact for appends and an upper bound for upserts. A probe never raises into
-the run: what it could not do is a `not checked` result with the reason. Secrets in the target
-config never leave this module: every reason is scrubbed of them.
+Three levels, named in every result:
+- `by key` (default for a stream with key properties): the distinct keys the relay forwarded are
+  streamed to the probe, which anti-joins them against the table, each key cast to the type the
+  destination gave its column: `ok` when every key is there, else `missing N` with a few sample
+  keys. A key that cannot be compared with its column (a float on a text column, an object, a
+  null) makes the stream `not checked`, never `ok`.
+- `by column` (opt-in record column `_sdc_correlation_id`): the rows carrying this run's
+  correlation id against the distinct keys (upserting targets) or records (appending ones).
+- `by count`: rows before and after the load, exact for appends, an upper bound for upserts.
+A probe never raises into the run: what it could not do is a `not checked` result with the
+reason. Secrets in the target config never leave this module: every reason is scrubbed of them.
+The check by key lives in `keyprobe`.
 """
 
 from __future__ import annotations
@@ -26,16 +32,23 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from flext_meltano_context.keys import KeySet
 from targets_wrapper import naming
 from targets_wrapper.config import config_path_in, read_config
+
+if TYPE_CHECKING:
+    from flext_meltano_context.keys import KeyCollector
 
 log = structlog.get_logger("flext_meltano_context.landing")
 
 COLUMN = "_sdc_correlation_id"
+BY_KEY, BY_COLUMN, BY_COUNT = "by key", "by column", "by count"
+DEFAULT_SAMPLE_KEYS = 5
+MAX_SAMPLE_CHARS = 200
 PROBE_TIMEOUT = 120.0
 MAX_SNAPSHOT_TABLES = 500
 _FAMILIES = (
@@ -57,10 +70,12 @@ class StreamLanding:
     basis: str  # "records" or "distinct_keys"
     landed: int | None
     status: str  # ok, missing, extra, not checked
-    level: str | None = None  # exact or approximate
-    bound: str | None = None  # approximate only: "exact" (appends, new table) or "upper_bound"
+    level: str | None = None  # by key, by column or by count
+    bound: str | None = None  # by count only: "exact" (appends, new table) or "upper_bound"
     reason: str | None = None
     dataset: Mapping[str, str] | None = None  # OpenLineage {namespace, name}
+    samples: tuple[Mapping[str, Any], ...] = ()  # by key: a few missing keys, {column: value}
+    key_columns: tuple[str, ...] = ()
 
     @property
     def difference(self) -> int:
@@ -86,6 +101,8 @@ class StreamLanding:
             "bound": self.bound,
             "reason": self.reason,
             "dataset": dict(self.dataset) if self.dataset else None,
+            "samples": [dict(sample) for sample in self.samples],
+            "key_columns": list(self.key_columns),
         }
 
 
@@ -121,22 +138,37 @@ class Check:
     before: dict[str, int] | None = None  # destination -> rows before the load
     covered: tuple[str, ...] = ()  # schemas (or directories) the snapshot covered
     before_error: str | None = None
+    sample_keys: int = DEFAULT_SAMPLE_KEYS  # missing keys shown per stream (0: none)
+    workdir: Path | None = None  # where the keys for the probe are written (else a temp dir)
 
     def finish(
         self,
         relayed: Mapping[str, int],
-        distinct_keys: Mapping[str, int],
-        keyed: Mapping[str, bool],
-        exact_streams: frozenset[str],
+        keys: KeySet | None,
+        key_properties: Mapping[str, Sequence[str]],
+        column_streams: frozenset[str],
         correlation_id: str,
+        *,
+        counting_error: str | None = None,
     ) -> Landing:
-        """Count what landed per stream now the target has exited 0; never raises."""
+        """Ask the destination what landed per stream now the target has exited 0; never raises.
+
+        `relayed`: records per stream; `keys`: the distinct keys the relay forwarded;
+        `key_properties`: each stream's SCHEMA keys; `column_streams`: streams given the record
+        column (`*` all); `counting_error`: the relay stopped counting, so nothing is compared.
+        The key set is closed (its spilled files removed) before this returns.
+        """
         began = time.monotonic()
         try:
-            results = _finish(self, relayed, distinct_keys, keyed, exact_streams, correlation_id)
+            results = _finish(
+                self, relayed, keys, key_properties, column_streams, correlation_id, counting_error
+            )
         except Exception as exc:  # noqa: BLE001 - a probe must never fail the run
             reason = self.scrub(f"probe failed: {type(exc).__name__}: {exc}")
             results = [_unchecked(s, n, reason) for s, n in relayed.items()]
+        finally:
+            if keys is not None:
+                keys.close()
         return Landing(
             self.family, self.config_source, tuple(results), round(time.monotonic() - began, 3)
         )
@@ -184,6 +216,8 @@ def prepare(
     approximate: bool,
     cwd: str | None = None,
     config_error: str | None = None,
+    sample_keys: int = DEFAULT_SAMPLE_KEYS,
+    workdir: Path | None = None,
 ) -> Check:
     """Everything to do before the target starts: family, config, counts before the load."""
     family = family_of(names)
@@ -193,7 +227,15 @@ def prepare(
     if config is None:
         why = config_error or "no target config (pass --target-config FILE)"
         return Check(family, reason=why)
-    check = Check(family, config, config_source, cwd=cwd, python=_python_for(argv, family))
+    check = Check(
+        family,
+        config,
+        config_source,
+        cwd=cwd,
+        python=_python_for(argv, family),
+        sample_keys=sample_keys,
+        workdir=workdir,
+    )
     if approximate:
         try:
             _snapshot(check)
@@ -210,6 +252,8 @@ def prepare_run(
     meltano: Any | None,
     approximate: bool,
     cwd: str | None = None,
+    sample_keys: int = DEFAULT_SAMPLE_KEYS,
+    workdir: Path | None = None,
 ) -> Check:
     """The check for one run: config from `--target-config`, the target's `--config`, or Meltano.
 
@@ -240,7 +284,58 @@ def prepare_run(
         approximate=approximate,
         cwd=cwd,
         config_error=error,
+        sample_keys=sample_keys,
+        workdir=workdir,
     )
+
+
+def sample_keys_from_env(environ: Mapping[str, str]) -> int:
+    """How many missing keys a result shows, from FLEXT_CONTEXT_LANDING_SAMPLE_KEYS."""
+    from flext_meltano_context.errors import UsageError
+
+    raw = environ.get("FLEXT_CONTEXT_LANDING_SAMPLE_KEYS", "").strip()
+    if not raw:
+        return DEFAULT_SAMPLE_KEYS
+    if not raw.isdigit() or int(raw) > 1000:
+        raise UsageError(
+            f"FLEXT_CONTEXT_LANDING_SAMPLE_KEYS={raw[:20]!r} is not a whole number from 0 to "
+            "1000 (default 5; 0 hides the sample keys)"
+        )
+    return int(raw)
+
+
+def for_run(
+    *,
+    target: str,
+    argv: Sequence[str],
+    target_config: Path | None,
+    meltano: Any | None,
+    column_streams: frozenset[str],
+    cwd: str | None,
+    workdir: Path | None,
+    environ: Mapping[str, str],
+) -> tuple[Check, KeyCollector | None]:
+    """The run's landing check and, when it can run, the collector of the keys relayed.
+
+    Keys are collected whenever the check can run (issue 10): they are what the check by key
+    compares. Bad settings raise UsageError before any child starts.
+    """
+    from flext_meltano_context.keys import KeyCollector, budget_from_env
+
+    budget = budget_from_env(environ)
+    check = prepare_run(
+        target=target,
+        argv=argv,
+        target_config=target_config,
+        meltano=meltano,
+        approximate="*" not in column_streams,
+        cwd=cwd,
+        sample_keys=sample_keys_from_env(environ),
+        workdir=workdir,
+    )
+    if check.reason is not None:
+        return check, None
+    return check, KeyCollector(KeySet(budget, workdir))
 
 
 def _python_for(argv: Sequence[str], family: str) -> str | None:
@@ -329,7 +424,7 @@ def _upserts(check: Check, keyed: bool) -> bool:
 
 
 def _snapshot(check: Check) -> None:
-    """Row counts before the load, for the approximate level."""
+    """Row counts before the load, for the `by count` level."""
     if check.family in {"duckdb", "postgres"}:
         conf = check.config
         schemas = {str(conf.get("default_target_schema") or "").strip()} - {""}
@@ -384,15 +479,47 @@ class _sqlite:  # noqa: N801 - a context manager read like a function
 def _finish(
     check: Check,
     relayed: Mapping[str, int],
-    distinct_keys: Mapping[str, int],
-    keyed: Mapping[str, bool],
-    exact_streams: frozenset[str],
+    keys: KeySet | None,
+    key_properties: Mapping[str, Sequence[str]],
+    column_streams: frozenset[str],
     correlation_id: str,
+    counting_error: str | None,
 ) -> list[StreamLanding]:
+    if counting_error is not None:  # the first reason: our own counts cannot be trusted
+        reason = check.scrub(f"the relay's counts are incomplete: {counting_error}")
+        return [_unchecked(stream, n, reason) for stream, n in relayed.items()]
     if check.family is None or check.reason is not None:
         reason = check.reason or "no landing probe for this target"
         return [_unchecked(stream, n, reason) for stream, n in relayed.items()]
-    exact = {s for s in relayed if "*" in exact_streams or s in exact_streams}
+    by_column = {s for s in relayed if "*" in column_streams or s in column_streams}
+    by_key = {
+        s: tuple(key_properties.get(s) or ())
+        for s in relayed
+        if s not in by_column and key_properties.get(s) and keys is not None
+    }
+    done: dict[str, StreamLanding] = {}
+    if by_key and keys is not None:
+        from flext_meltano_context.keyprobe import by_key as probe_by_key
+
+        done.update(probe_by_key(check, by_key, keys))
+    rest = {s: n for s, n in relayed.items() if s not in done}
+    if rest:
+        distinct = {s: keys.count(s) for s in rest if keys is not None and keys.count(s)}
+        keyed = {s: bool(key_properties.get(s)) for s in rest}
+        for row in _counted(check, rest, distinct, keyed, by_column, correlation_id):
+            done[row.stream] = row
+    return [done[s] for s in relayed]
+
+
+def _counted(
+    check: Check,
+    relayed: Mapping[str, int],
+    distinct_keys: Mapping[str, int],
+    keyed: Mapping[str, bool],
+    exact: set[str],
+    correlation_id: str,
+) -> list[StreamLanding]:
+    """The `by column` and `by count` levels: rows counted, against records or distinct keys."""
     plans: dict[str, tuple[int, str]] = {}
     for stream, records in relayed.items():
         upsert = _upserts(check, keyed.get(stream, False))
@@ -416,7 +543,7 @@ def _finish(
         if stream in exact:
             status = _verdict(expected, landed)
             out.append(
-                StreamLanding(stream, expected, basis, landed, status, "exact", dataset=dataset)
+                StreamLanding(stream, expected, basis, landed, status, BY_COLUMN, dataset=dataset)
             )
             continue
         if before is None:
@@ -428,7 +555,7 @@ def _finish(
                     basis,
                     None,
                     "not checked",
-                    "approximate",
+                    BY_COUNT,
                     reason=why,
                     dataset=dataset,
                 )
@@ -444,7 +571,7 @@ def _finish(
             unit = "key(s)" if basis == "distinct_keys" else "record(s)"
             note = (
                 f"{new_rows} new row(s) for {expected} relayed {unit}: updated rows add none, so "
-                "the relayed figure is an upper bound; turn the record column on for exact counts"
+                "the relayed figure is an upper bound; keys or the record column give exact checks"
             )
         out.append(
             StreamLanding(
@@ -453,7 +580,7 @@ def _finish(
                 basis,
                 new_rows,
                 status,
-                "approximate",
+                BY_COUNT,
                 bound,
                 reason=note,
                 dataset=dataset,
@@ -531,29 +658,22 @@ def _sqlite_counts(check: Check, queries: list[list[Any]]) -> dict[str, list[Any
     return {"counts": counts, "errors": errors}
 
 
-def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int) -> Count:
+def _jsonl_files(check: Check, stream: str) -> tuple[list[Path], dict[str, str]]:
+    """target-jsonl 0.1.4: {destination_path}/{custom_name or stream}[-%Y%m%dT%H%M%S].jsonl."""
     conf = check.config
-    if check.family == "jsonl":
-        # target-jsonl 0.1.4: {destination_path}/{custom_name or stream}[-%Y%m%dT%H%M%S].jsonl
-        folder = _path(check, str(conf.get("destination_path") or "."))
-        name = str(conf.get("custom_name") or stream)
-        if conf.get("custom_name") and n_streams > 1:
-            return None, None, None, "every stream goes to one custom_name file: not separable"
-        files = [
-            p
-            for p in folder.glob(f"{glob_escape(name)}*.jsonl")
-            if re.fullmatch(re.escape(name) + r"(-\d{8}T\d{6})?\.jsonl", p.name)
-        ]
-        dataset = {"namespace": f"file://{folder.resolve()}", "name": f"{name}.jsonl"}
-        if exact:
-            recent = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
-            return sum(_jsonl_matches(p, cid) for p in recent), dataset, None, None
-        landed = sum(_lines(p) for p in files)
-        if check.before is None:
-            return landed, dataset, None, None
-        before = sum(check.before.get(str(p), 0) for p in files)
-        return landed, dataset, (before, before > 0), None
-    # meltanolabs-target-csv 0.5.0: {output_path}/{file_naming_scheme}, replaced each run
+    folder = _path(check, str(conf.get("destination_path") or "."))
+    name = str(conf.get("custom_name") or stream)
+    files = [
+        p
+        for p in folder.glob(f"{glob_escape(name)}*.jsonl")
+        if re.fullmatch(re.escape(name) + r"(-\d{8}T\d{6})?\.jsonl", p.name)
+    ]
+    return files, {"namespace": f"file://{folder.resolve()}", "name": f"{name}.jsonl"}
+
+
+def _csv_files(check: Check, stream: str) -> tuple[list[Path], dict[str, str]]:
+    """meltanolabs-target-csv 0.5.0: {output_path}/{file_naming_scheme}, this run's."""
+    conf = check.config
     scheme = str(conf.get("file_naming_scheme") or "{stream_name}.csv")
     folder = _path(
         check,
@@ -568,7 +688,24 @@ def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int
     pattern = re.sub(r"\{[a-z_]+\}", "*", pattern)
     files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
     files = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
-    dataset = {"namespace": f"file://{folder.resolve()}", "name": pattern}
+    return files, {"namespace": f"file://{folder.resolve()}", "name": pattern}
+
+
+def _count_file(check: Check, stream: str, exact: bool, cid: str, n_streams: int) -> Count:
+    conf = check.config
+    if check.family == "jsonl":
+        if conf.get("custom_name") and n_streams > 1:
+            return None, None, None, "every stream goes to one custom_name file: not separable"
+        files, dataset = _jsonl_files(check, stream)
+        if exact:
+            recent = [p for p in files if p.stat().st_mtime >= check.started_at - 2]
+            return sum(_jsonl_matches(p, cid) for p in recent), dataset, None, None
+        landed = sum(_lines(p) for p in files)
+        if check.before is None:
+            return landed, dataset, None, None
+        before = sum(check.before.get(str(p), 0) for p in files)
+        return landed, dataset, (before, before > 0), None
+    files, dataset = _csv_files(check, stream)
     if not files:
         return 0, dataset, (0, False), None
     rows = _csv_rows(files[-1], cid if exact else None)
@@ -613,7 +750,10 @@ def duck():
     path = conf.get("path") or conf.get("filepath")
     return duckdb.connect(path, read_only=True)
 def pg():
-    opts = "-c default_transaction_read_only=on -c statement_timeout=60000 -c lock_timeout=5000"
+    # The probe by key needs a temporary table, and CREATE is refused in a read-only
+    # transaction: it creates its table first, then makes its transaction read-only.
+    ro = "" if req["op"] == "missing" else "-c default_transaction_read_only=on "
+    opts = ro + "-c statement_timeout=600000 -c lock_timeout=5000"
     url = conf.get("sqlalchemy_url")
     try:
         import psycopg as drv
@@ -634,6 +774,49 @@ def one(sql, args=()):
     cur.execute(sql, args) if args else cur.execute(sql)
     return cur.fetchone()
 ph = "?" if fam == "duckdb" else "%s"
+def exists(schema, table):
+    return one("SELECT count(*) FROM information_schema.tables WHERE table_schema = " + ph
+               + " AND table_name = " + ph, (schema, table))[0]
+def text(col):  # a wire column holding x + hex of UTF-8 text, as text
+    if fam == "duckdb":
+        return "decode(from_hex(substr(" + col + ", 2)))"
+    return "convert_from(decode(substr(" + col + ", 2), 'hex'), 'UTF8')"
+def missing(schema, table, cols, types, path, n):
+    names = ["c%d" % i for i in range(len(cols))]
+    if fam == "duckdb":
+        spec = "{" + ", ".join("'%s': 'VARCHAR'" % c for c in names) + "}"
+        keys = ("read_csv(" + ph + ", delim='" + chr(9) + "', header=false, "
+                "auto_detect=false, columns=" + spec + ")")
+        args = (path,)
+    else:
+        cur.execute("CREATE TEMP TABLE flext_keys (" + ", ".join(c + " text" for c in names)
+                    + ") ON COMMIT DROP")
+        cur.execute("SET TRANSACTION READ ONLY")
+        sql = "COPY flext_keys FROM STDIN"
+        if hasattr(cur, "copy"):
+            with open(path, "rb") as f, cur.copy(sql) as copy:
+                while block := f.read(1 << 20):
+                    copy.write(block)
+        else:
+            with open(path, "rb") as f:
+                cur.copy_expert(sql, f)
+        keys, args = "flext_keys", ()
+    match = []
+    for col, name, (typ, hexed) in zip(cols, names, types):
+        src = text("k." + name) if hexed else "k." + name
+        match.append("t." + q(col) + " = CAST(" + src + " AS " + typ + ")")
+    absent = (" FROM " + keys + " AS k WHERE NOT EXISTS (SELECT 1 FROM " + q(schema) + "."
+              + q(table) + " AS t WHERE " + " AND ".join(match) + ")")
+    # One pass: the count of missing keys rides on each of the few sample rows returned.
+    sql = ("SELECT count(*) OVER ()" + "".join(", k." + c for c in names) + absent
+           + " LIMIT " + str(max(1, int(n))))
+    cur.execute(sql, args) if args else cur.execute(sql)
+    found = cur.fetchall()
+    count = found[0][0] if found else 0
+    rows = [list(r[1:]) for r in found][:int(n)]
+    if fam == "postgres":
+        conn.rollback()
+    return int(count), rows
 if req["op"] == "snapshot":
     counts = {}
     for schema in req["schemas"]:
@@ -643,12 +826,32 @@ if req["op"] == "snapshot":
             sql = "SELECT count(*) FROM " + q(schema) + "." + q(table)
             counts[schema + "." + table] = one(sql)[0]
     print(json.dumps({"counts": counts}))
+elif req["op"] == "columns":
+    found, errors = [], []
+    for schema, table, cols in req["tables"]:
+        if not exists(schema, table):
+            found.append(None); errors.append("no such table"); continue
+        cur.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
+                    "table_schema = " + ph + " AND table_name = " + ph, (schema, table))
+        found.append(dict(cur.fetchall()))
+        errors.append(None)
+    print(json.dumps({"columns": found, "errors": errors}))
+elif req["op"] == "missing":
+    counts, samples, errors = [], [], []
+    for schema, table, cols, types, path in req["tables"]:
+        try:
+            count, rows = missing(schema, table, cols, types, path, req["samples"])
+            counts.append(count); samples.append(rows); errors.append(None)
+        except Exception as exc:
+            counts.append(None); samples.append([])
+            errors.append(type(exc).__name__ + ": " + str(exc)[:300])
+            if fam == "postgres":
+                conn.rollback()
+    print(json.dumps({"missing": counts, "samples": samples, "errors": errors}))
 else:
     counts, errors = [], []
     for schema, table, cid in req["tables"]:
-        exists = one("SELECT count(*) FROM information_schema.tables WHERE table_schema = " + ph
-                     + " AND table_name = " + ph, (schema, table))[0]
-        if not exists:
+        if not exists(schema, table):
             counts.append(None); errors.append("no such table"); continue
         sql = "SELECT count(*) FROM " + q(schema) + "." + q(table)
         try:
@@ -663,7 +866,9 @@ conn.close()
 """.replace("__MAX__", str(MAX_SNAPSHOT_TABLES)).replace("__COLUMN__", COLUMN)
 
 
-def _run_db_probe(check: Check, request: Mapping[str, Any]) -> dict[str, Any]:
+def _run_db_probe(
+    check: Check, request: Mapping[str, Any], *, timeout: float = PROBE_TIMEOUT
+) -> dict[str, Any]:
     """Run the probe script with the target's interpreter (or ours); its JSON reply."""
     python = check.python or sys.executable
     payload = json.dumps({**request, "family": check.family, "config": dict(check.config)})
@@ -673,12 +878,12 @@ def _run_db_probe(check: Check, request: Mapping[str, Any]) -> dict[str, Any]:
             input=payload,
             capture_output=True,
             text=True,
-            timeout=PROBE_TIMEOUT,
+            timeout=timeout,
             check=False,
             cwd=check.cwd,
         )
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"the {check.family} count took over {PROBE_TIMEOUT:.0f} s") from exc
+        raise RuntimeError(f"the {check.family} probe took over {timeout:.0f} s") from exc
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
         raise RuntimeError(check.scrub(tail))

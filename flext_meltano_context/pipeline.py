@@ -601,46 +601,34 @@ def _warehouse(run: _Run) -> dbt.Warehouse | None:
 
 
 def _landing_check(run: _Run) -> tuple[landing.Check | None, KeyCollector | None]:
-    """The landing check prepared before the target starts (counts before the load), issue 7."""
+    """The landing check prepared before the target starts, and its key collector (issue 10)."""
     spec, conf = run.spec, run.conf
     if not conf.landing:
         return None, None
-    check = landing.prepare_run(
+    return landing.for_run(
         target=spec.target if not spec.standalone else run.target_name,
         argv=run.prepared.target_argv,
         target_config=spec.target_config,
         meltano=run.prepared.meltano,
-        approximate="*" not in conf.record_column_streams,
+        column_streams=conf.record_column_streams,
         cwd=run.prepared.cwd,
+        workdir=run.prepared.workdir,
+        environ=run.env,
     )
-    # Distinct keys cost about 3.5 us per message in the relay: only for the exact level.
-    collect = check.reason is None and bool(conf.record_column_streams)
-    return check, (KeyCollector() if collect else None)
 
 
 def _finish_landing(
     run: _Run, check: landing.Check, keys: KeyCollector | None, stats: RelayStats
 ) -> landing.Landing:
-    """Count what landed, after a load that succeeded; not with counts known to be incomplete."""
-    relayed = {name: s.records for name, s in stats.streams.items() if s.records}
-    if stats.counting_error is not None:
-        reason = f"the relay's counts are incomplete: {stats.counting_error}"
-        found = landing.Landing(
-            check.family,
-            check.config_source,
-            tuple(
-                landing.StreamLanding(name, n, "records", None, "not checked", reason=reason)
-                for name, n in relayed.items()
-            ),
-        )
-    else:
-        found = check.finish(
-            relayed,
-            keys.distinct() if keys is not None else {},
-            {name: bool(s.key_properties) for name, s in stats.streams.items()},
-            run.conf.record_column_streams,
-            run.identity.correlation_id,
-        )
+    """Ask the destination what landed after a good load (`not checked` if counts are cut)."""
+    found = check.finish(
+        {name: s.records for name, s in stats.streams.items() if s.records},
+        keys.keys if keys is not None else None,
+        {name: s.key_properties for name, s in stats.streams.items()},
+        run.conf.record_column_streams,
+        run.identity.correlation_id,
+        counting_error=stats.counting_error,
+    )
     run.recorder.record("landing", found.event_data())
     return found
 
@@ -731,6 +719,16 @@ def _result(
                 "state_id": run.prepared.state_id,
                 "confirmed_states": persister.confirmed,
                 "written_at": persister.last_written_at,
+            },
+        )
+    if persister is not None and persister.ignored_empty:
+        # Empty states are never stored (issue 10), as Meltano's BookmarkWriter skips them.
+        run.recorder.record(
+            "state_ignored",
+            {
+                "state_id": run.prepared.state_id,
+                "count": persister.ignored_empty,
+                "reason": "the target confirmed an empty state; the stored state was kept",
             },
         )
     verdict = judge(replace(outcome, lineage_error=run.recorder.error))

@@ -88,14 +88,15 @@ def summary(result: RunResult) -> str:
         lines.append(f"  resumed from state written by run {result.state_loaded_from}")
     landing = getattr(result, "landing", None)
     for row in landing.streams if landing is not None else ():
+        level = f", {row.level}" if row.level else ""
         if row.landed is None:
             why = f": {row.reason}" if row.reason else ""
-            lines.append(f"  landed {row.stream}: {row.label}{why}")
+            lines.append(f"  landed {row.stream}: {row.label}{level}{why}")
             continue
-        level = f", {row.level}" if row.level else ""
+        shown = "; ".join(", ".join(f"{k}={v!r}" for k, v in s.items()) for s in row.samples)
         lines.append(
             f"  landed {row.stream}: {row.label}{level} (relayed {row.relayed:,}, landed "
-            f"{row.landed:,})"
+            f"{row.landed:,})" + (f"; e.g. {shown}" if shown else "")
         )
     lines.append(f"  correlation id {result.correlation_id}, run id {result.run_id}")
     lines.append(f"  lineage log {result.lineage_path}")

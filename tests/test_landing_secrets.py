@@ -68,7 +68,7 @@ def test_a_password_in_a_jsonl_target_config_reaches_no_output(tmp_path: Path) -
     assert (result["family"], row["label"], row["level"], row["landed"]) == (
         "jsonl",
         "ok",
-        "exact",
+        "by key",
         5,
     )
     shown = outputs(tmp_path, done)

@@ -144,3 +144,26 @@ def test_html_report_renders_in_headless_chromium_without_console_errors(tmp_pat
     assert _non_white(blank_shot) == 0  # the pixel count tells a blank page apart
     _, broken_console = _render(broken, tmp_path, "200,150")
     assert any("notDefined" in line for line in broken_console)  # and the scan sees errors
+
+
+def test_html_of_a_real_run_shows_each_landing_verdict_with_its_level(tmp_path: Path) -> None:
+    from tests.test_lineage_report import record_real_run
+
+    log, run = record_real_run(tmp_path)
+    page = to_html(build_report(run_records(log, run)))
+    assert "<td>missing 1 (by key, 4 of 5; e.g. id=3)</td>" in page
+    assert "<td>ok (by key, 5 of 5)</td>" in page
+    assert "<script" not in page
+
+
+@needs_chromium
+def test_html_of_a_real_run_renders_in_headless_chromium(tmp_path: Path) -> None:
+    from tests.test_lineage_report import record_real_run
+
+    log, run = record_real_run(tmp_path)
+    page = tmp_path / "report.html"
+    page.write_text(to_html(build_report(run_records(log, run))), encoding="utf-8")
+    shot, console = _render(page, tmp_path)
+    assert console == []
+    width, height, _ = _png_pixels(shot)
+    assert _non_white(shot) > 0.02 * width * height

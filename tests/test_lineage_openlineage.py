@@ -22,25 +22,33 @@ from flext_meltano_context.lineage.openlineage import (
 )
 from flext_meltano_context.lineage.report import run_records
 from tests.conftest import OPENLINEAGE_SPEC
+from tests.test_lineage_report import record_real_run
 
 jsonschema = pytest.importorskip("jsonschema")
 referencing = pytest.importorskip("referencing")
 
 
+def spec_dir() -> Path | None:
+    """The shared OpenLineage spec copy: beside the checkout, or beside a folder holding it."""
+    for root in (OPENLINEAGE_SPEC.parent.parent, *OPENLINEAGE_SPEC.parent.parent.parents):
+        found = root / "shared" / "openlineage-spec"
+        if (found / "OpenLineage.json").is_file():
+            return found
+    return None
+
+
 @pytest.fixture(scope="module")
 def validate_event() -> Any:
     """Validate a RunEvent, and each facet against the schema its `_schemaURL` names, offline."""
-    if not (OPENLINEAGE_SPEC / "OpenLineage.json").is_file():
+    spec = spec_dir()
+    if spec is None:
         pytest.skip(f"OpenLineage spec not found at {OPENLINEAGE_SPEC} (the shared spec copy)")
     resources = []
-    for file in [
-        OPENLINEAGE_SPEC / "OpenLineage.json",
-        *(OPENLINEAGE_SPEC / "facets").glob("*.json"),
-    ]:
+    for file in [spec / "OpenLineage.json", *(spec / "facets").glob("*.json")]:
         schema = json.loads(file.read_text())
         resources.append((schema["$id"], referencing.Resource.from_contents(schema)))
     registry = referencing.Registry().with_resources(resources)
-    core = json.loads((OPENLINEAGE_SPEC / "OpenLineage.json").read_text())
+    core = json.loads((spec / "OpenLineage.json").read_text())
     validator_class = jsonschema.Draft202012Validator
 
     def facets_of(event: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,3 +222,22 @@ def test_disabled_openlineage_sends_nothing(
     monkeypatch.setenv("OPENLINEAGE_DISABLED", "true")
     record_example_run(tmp_path / "lineage.jsonl")
     assert not sent.exists()
+
+
+def test_events_of_a_real_run_validate_and_carry_what_landed_as_row_count(
+    tmp_path: Path, validate_event: Any
+) -> None:
+    log, run = record_real_run(tmp_path)
+    events = run_events(run_records(log, run))
+    for event in events:
+        validate_event(event)
+    final = events[-1]
+    assert (final["eventType"], final["run"]["runId"]) == ("COMPLETE", run)
+    outputs = {o["name"]: o for o in final["outputs"]}
+    folder = (tmp_path / "out").resolve()
+    assert set(outputs) == {"users.jsonl", "orders.jsonl"}
+    for name, rows in (("users.jsonl", 4), ("orders.jsonl", 5)):  # users id 3 never landed
+        assert outputs[name]["namespace"] == f"file://{folder}"
+        assert outputs[name]["outputFacets"]["outputStatistics"]["rowCount"] == rows
+    inputs = {i["name"]: i["inputFacets"]["inputStatistics"]["rowCount"] for i in final["inputs"]}
+    assert inputs == {"users": 5, "orders": 5}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]  # no stubs in the test extra
 import pytest
@@ -15,7 +19,7 @@ from flext_meltano_context.lineage import LineageLog, Recorder
 from flext_meltano_context.lineage.ci import ci_context
 from flext_meltano_context.lineage.example import record_example_run
 from flext_meltano_context.lineage.redact import REDACTED, is_secret_key, redact
-from flext_meltano_context.lineage.render import to_markdown
+from flext_meltano_context.lineage.render import to_html, to_markdown
 from flext_meltano_context.lineage.report import (
     build_report,
     list_runs,
@@ -332,3 +336,142 @@ def test_graph_rows_follow_their_parents_so_chains_stay_straight() -> None:
     rows = _graph_rows(nodes, edges, _layers(nodes, edges))
     assert rows["src:a"] == rows["t:a"] == rows["s:a"] == 0
     assert rows["src:b"] == rows["t:b"] == rows["s:b"] == 1
+
+
+# --- reports of real runs (issue 10): events written by execute(), landing by key included ----
+
+
+def record_real_run(tmp_path: Path) -> tuple[Path, str]:
+    """A real standalone run through execute(): a fake tap, a file target that loses users id 3."""
+    from flext_meltano_context.pipeline import PipelineSpec, Settings, execute
+    from tests.conftest import FAKES, fake
+
+    out = tmp_path / "out"
+    script = tmp_path / "target-jsonl"  # the jsonl family's probe reads what it wrote
+    shutil.copy(FAKES / "target_lossy.py", script)
+    config = tmp_path / "target.json"
+    config.write_text(json.dumps({"destination_path": str(out)}))
+    tap = fake("tap_keyed.py", "1-5", "--streams", "users,orders")
+    target = [sys.executable, str(script), str(out), "--drop", "users:3", "--config", str(config)]
+    log = tmp_path / "lineage.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXT_", "MELTANO_"))}
+    result = execute(
+        PipelineSpec(tap="tap", target="target", tap_cmd=tuple(tap), target_cmd=tuple(target)),
+        environ=env,
+        settings=Settings(lineage_path=log),
+    )
+    assert result.status == "success", result.error
+    return log, result.run_id
+
+
+def test_a_real_runs_report_names_the_missing_key_and_its_level(tmp_path: Path) -> None:
+    log, run = record_real_run(tmp_path)
+    report = build_report(run_records(log, run))
+    _validate(report)
+    landed = {row["stream"]: row["landing"] for row in report["streams"]}
+    assert landed["users"] == {
+        "family": "jsonl",
+        "relayed": 5,
+        "basis": "distinct_keys",
+        "landed": 4,
+        "status": "missing",
+        "label": "missing 1",
+        "difference": 1,
+        "level": "by key",
+        "bound": None,
+        "reason": None,
+        "samples": [{"id": 3}],
+        "key_columns": ["id"],
+    }
+    assert (landed["orders"]["label"], landed["orders"]["level"]) == ("ok", "by key")
+    markdown = to_markdown(report)
+    assert "missing 1 (by key, 4 of 5; e.g. id=3)" in markdown
+    assert "ok (by key, 5 of 5)" in markdown
+    code, _out, err = _invoke("check", "--log", str(log), "--require-landed")
+    assert code == 1
+    assert f"stream 'users' of run {run}: missing 1 in the destination, by key" in err
+    assert "e.g. id=3" in err
+    assert "stream 'orders'" not in err
+
+
+def record_checked_run(log: Path, *, counting_error: str | None, mismatch: bool) -> str:
+    """A run with the run loop's cross_checks event and run_completed.counting_error (issue 10)."""
+    recorder = Recorder(log, run_id="run-x", correlation_id="cid-x")
+    recorder.record("run_started", {"pipeline": {"name": "p", "tap": "t", "target": "target-y"}})
+    recorder.record("stream_stats", {"stream": "users", "counts": {"RECORD": 20}, "bytes": 900})
+    reported = 4 if mismatch else 22
+    checks: list[dict[str, Any]] = [
+        {"kind": "target_lines", "stream": None, "expected": 22, "reported": reported},
+        {"kind": "tap_record_count", "stream": "users", "expected": 20, "reported": 20},
+    ]
+    for item in checks:
+        item["status"] = "ok" if item["expected"] == item["reported"] else "count_mismatch"
+    recorder.record("cross_checks", {"checks": checks})
+    why = counting_error or "no key values were collected"
+    row = {"stream": "users", "relayed": 20, "basis": "records", "landed": None}
+    row.update({"status": "not checked", "label": "not checked", "difference": 0})
+    row.update({"level": None, "bound": None, "reason": why, "dataset": None})
+    recorder.record("landing", {"family": "duckdb", "streams": [row]})
+    end = {"status": "success", "records": 20, "bytes": 900, "counting_error": counting_error}
+    recorder.record("run_completed", end)
+    recorder.close()
+    return "run-x"
+
+
+@pytest.mark.parametrize(
+    ("counting_error", "mismatch", "allowed_code"),
+    [(None, False, 0), (None, True, 1), ("ValueError: bad", False, 0)],
+    ids=["all-counts-agree", "target-read-fewer-lines", "counting-stopped"],
+)
+def test_cross_checks_and_incomplete_counts_are_reported_and_gated(
+    tmp_path: Path, counting_error: str | None, mismatch: bool, allowed_code: int
+) -> None:
+    log = tmp_path / "lineage.jsonl"
+    run = record_checked_run(log, counting_error=counting_error, mismatch=mismatch)
+    report = build_report(run_records(log, run))
+    _validate(report)
+    assert report["counting_error"] == counting_error
+    assert [c["status"] for c in report["cross_checks"]] == [
+        "count_mismatch" if mismatch else "ok",
+        "ok",
+    ]
+    markdown = to_markdown(report)
+    html = to_html(report)
+    line = f"all streams: target_lines {4 if mismatch else 22} against 22 relayed"
+    assert line in markdown
+    assert line in html
+    if counting_error:
+        assert "20 (incomplete: counting stopped: ValueError: bad)" in markdown
+        assert "incomplete: counting stopped" in html
+    else:
+        assert "incomplete" not in markdown
+    code, _out, err = _invoke("check", "--log", str(log), "--require-landed")
+    assert code == 1  # not checked, always
+    assert "stream 'users' of run run-x: not checked" in err
+    assert ("count_mismatch" in err) == mismatch
+    assert ("counts are incomplete" in err) == bool(counting_error)
+    code, _out, err = _invoke("check", "--log", str(log), "--require-landed", "--allow-unchecked")
+    assert code == allowed_code, err
+    if mismatch:
+        assert (
+            "all streams of run run-x: count_mismatch, the target reported reading 4 against "
+            "22 relayed"
+        ) in err
+
+
+@pytest.mark.parametrize(
+    ("records", "code"), [(0, 0), (3, 1)], ids=["no-records-nothing-to-land", "records-unchecked"]
+)
+def test_a_stream_without_a_landing_result_fails_only_if_it_had_records(
+    tmp_path: Path, records: int, code: int
+) -> None:
+    log = tmp_path / "lineage.jsonl"
+    recorder = Recorder(log, run_id="run-y", correlation_id="cid-y")
+    recorder.record("run_started", {"pipeline": {"name": "p", "tap": "t", "target": "x"}})
+    recorder.record("stream_stats", {"stream": "users", "counts": {"RECORD": records}})
+    recorder.record("run_completed", {"status": "success", "records": records, "bytes": 0})
+    recorder.close()
+    got, _out, err = _invoke("check", "--log", str(log), "--require-landed")
+    assert got == code, err
+    if code:
+        assert "stream 'users' of run run-y: not checked (no landing check ran)" in err

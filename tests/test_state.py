@@ -191,12 +191,19 @@ def test_standalone_state_out_is_not_replaced_by_an_empty_state(
     assert result.status == "success"
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3  # records 5, 6, 7
     after = json.loads(state_file.read_text())
+    ignored = [
+        e["data"]["count"]
+        for e in map(json.loads, (tmp_path / "lineage.jsonl").read_text().splitlines())
+        if e["event"] == "state_ignored"
+    ]
     if kept:
         assert after == before
         assert not result.state_persisted
+        assert ignored == [1]
     else:
         assert after["bookmarks"] == {"users": {"id": 99}}
         assert result.state_persisted
+        assert ignored == []
 
 
 @pytest.mark.e2e
@@ -225,6 +232,8 @@ def test_under_meltano_an_empty_state_never_replaces_the_stored_bookmarks(
         assert after == before
         assert events(tmp_path, "state_persisted") == []
         assert "state_ignored" in done.stderr
+        assert [e["data"]["count"] for e in events(tmp_path, "state_ignored")] == [1]
     else:
         assert after["singer_state"]["bookmarks"] == {"users": {"id": 99}}
         assert len(events(tmp_path, "state_persisted")) == 1
+        assert events(tmp_path, "state_ignored") == []

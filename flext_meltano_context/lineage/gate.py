@@ -33,6 +33,7 @@ def violations(
     max_drop_pct: float | None = None,
     previous: Mapping[str, Any] | None = None,
     require_landed: bool = False,
+    allow_unchecked: bool = False,
 ) -> list[str]:
     """One line per violated rule; empty when the run passes."""
     out: list[str] = []
@@ -58,20 +59,56 @@ def violations(
                     f"run {previous['run_id']}, more than {max_drop_pct:g}%"
                 )
     if require_landed:
-        out += landing_violations(report)
+        out += landing_violations(report, allow_unchecked=allow_unchecked)
     return out
 
 
-def landing_violations(report: Mapping[str, Any]) -> list[str]:
-    """One line per stream whose landing check found rows missing (issue 7)."""
+def landing_violations(report: Mapping[str, Any], *, allow_unchecked: bool = False) -> list[str]:
+    """One line per stream not proven landed: missing rows, a count mismatch, or not checked.
+
+    `not checked` fails too unless `allow_unchecked`: no proof of landing is no proof (issue 10).
+    """
     out = []
     run = report["run_id"]
+    incomplete = report.get("counting_error")
+    if incomplete and not allow_unchecked:
+        out.append(f"run {run}: the relay's counts are incomplete ({incomplete})")
     for row in report["streams"]:
         landing = row.get("landing")
-        if landing and landing.get("status") == "missing":
+        stream = row["stream"]
+        if not landing:
+            if row["records"] and not allow_unchecked:  # no records: nothing had to land
+                out.append(f"stream {stream!r} of run {run}: not checked (no landing check ran)")
+            continue
+        level = landing.get("level") or "no level"
+        if landing.get("status") == "missing":
+            shown = ", ".join(_sample(s) for s in landing.get("samples") or [])
             out.append(
-                f"stream {row['stream']!r} of run {run}: {landing['label']} in the destination "
-                f"(relayed {landing['relayed']}, landed {landing['landed']}, "
-                f"{landing.get('level')})"
+                f"stream {stream!r} of run {run}: {landing['label']} in the destination, "
+                f"{level} (relayed {landing['relayed']}, landed {landing['landed']})"
+                + (f"; e.g. {shown}" if shown else "")
+            )
+        elif landing.get("status") == "not checked" and not allow_unchecked:
+            why = landing.get("reason") or "no reason given"
+            out.append(
+                f"stream {stream!r} of run {run}: not checked ({why}); "
+                "pass --allow-unchecked to accept it"
+            )
+    for item in report.get("cross_checks") or []:
+        if item.get("status") == "count_mismatch":
+            where = f"stream {item['stream']!r}" if item.get("stream") else "all streams"
+            out.append(
+                f"{where} of run {run}: count_mismatch, {_KINDS.get(item['kind'], item['kind'])} "
+                f"{item.get('reported')} against {item.get('expected')} relayed"
             )
     return out
+
+
+_KINDS = {
+    "target_lines": "the target reported reading",
+    "tap_record_count": "the tap's record_count metrics sum to",
+}
+
+
+def _sample(sample: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in sample.items())

@@ -71,15 +71,39 @@ def _timeline(
 
 
 def _landed(row: Mapping[str, Any]) -> str:
-    """The landing verdict of a stream row: `ok (exact, 7 of 7)`, `missing 1 ...`, or `-`."""
+    """A stream's landing verdict and its level: `missing 1 (by key, 999 of 1,000; e.g. id=1)`."""
     landing = row.get("landing")
     if not landing:
         return "-"
+    level = landing.get("level")
     if landing.get("status") == "not checked":
-        return f"not checked: {landing.get('reason') or 'no reason given'}"
+        at = f" ({level})" if level else ""
+        return f"not checked{at}: {landing.get('reason') or 'no reason given'}"
     landed = landing.get("landed")
     shown = "-" if landed is None else f"{landed:,}"
-    return f"{landing['label']} ({landing.get('level')}, {shown} of {landing['relayed']:,})"
+    samples = "; ".join(
+        ", ".join(f"{name}={value!r}" for name, value in sample.items())
+        for sample in landing.get("samples") or []
+    )
+    example = f"; e.g. {samples}" if samples else ""
+    return f"{landing['label']} ({level}, {shown} of {landing['relayed']:,}{example})"
+
+
+def _records(report: Mapping[str, Any]) -> str:
+    """The run's record count, marked incomplete when the relay stopped counting."""
+    shown = f"{report['records']:,}"
+    if report.get("counting_error"):
+        return f"{shown} (incomplete: counting stopped: {report['counting_error']})"
+    return shown
+
+
+def _cross_check_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per independent count: `users: target_lines 20 against 20 relayed, ok`."""
+    return [
+        f"{item.get('stream') or 'all streams'}: {item['kind']} {item.get('reported')} against "
+        f"{item.get('expected')} relayed, {item['status']}"
+        for item in report.get("cross_checks") or []
+    ]
 
 
 def _pipeline_line(pipeline: Mapping[str, Any]) -> str:
@@ -112,7 +136,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"| Correlation id | `{report['correlation_id']}` |",
         f"| Started | {report['started_at']} |",
         f"| Duration | {_seconds(report['duration_s'])} |",
-        f"| Records | {report['records']:,} |",
+        f"| Records | {_md(_records(report))} |",
         f"| Bytes | {_size(report['bytes'])} |",
     ]
     if report.get("digest"):
@@ -186,6 +210,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"- persisted `{_md(kept.get('state_id'))}`: "
                 f"{kept.get('confirmed_states', 0)} confirmed state message(s)"
             )
+        lines.append("")
+    checks = _cross_check_lines(report)
+    if checks:
+        lines += ["### Cross-checks", ""]
+        lines += [f"- {'❌' if 'count_mismatch' in line else '✅'} {_md(line)}" for line in checks]
         lines.append("")
     anomalies = report["anomalies"]
     if anomalies["count"]:
@@ -393,6 +422,13 @@ def _gantt_svg(report: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _cross_checks_html(report: Mapping[str, Any]) -> str:
+    lines = _cross_check_lines(report)
+    if not lines:
+        return ""
+    return "<h2>Cross-checks</h2><ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>"
+
+
 def to_html(report: Mapping[str, Any]) -> str:
     """One self-contained HTML page: summary, lineage graph, phase timeline, streams."""
     status = report["status"]
@@ -404,7 +440,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         ("Started", report["started_at"]),
         ("Ended", report["ended_at"] or "-"),
         ("Duration", _seconds(report["duration_s"])),
-        ("Records", f"{report['records']:,}"),
+        ("Records", _records(report)),
         ("Bytes", _size(report["bytes"])),
     ]
     if report.get("digest"):
@@ -452,7 +488,8 @@ def to_html(report: Mapping[str, Any]) -> str:
         "<th>Messages</th><th>First record</th><th>Last record</th><th>Table</th>"
         "<th>Landed</th></tr>"
         f"{stream_rows}</table>"
-        f"<h2>Anomalies</h2><p>{report['anomalies']['count']} anomalies.</p>"
+        + _cross_checks_html(report)
+        + f"<h2>Anomalies</h2><p>{report['anomalies']['count']} anomalies.</p>"
         f"<footer><p>flext-context {_e(report.get('flext_context_version') or '')}; "
         f"log events {report['log']['first_seq']}-{report['log']['last_seq']}, "
         f"last hash {_e(report['log']['last_hash'][:16])}…</p></footer>"

@@ -140,6 +140,7 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     extra_edges: list[dict[str, Any]] = []
     dbt_blocks: list[dict[str, Any]] = []
     landed: dict[str, dict[str, Any]] = {}
+    cross_checks: list[dict[str, Any]] = []
     for event, data in _by_event(records):
         if event == "run_started":
             started = data
@@ -164,6 +165,8 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         elif event == "landing":  # issue 7: what landed per stream
             for row in data.get("streams") or []:
                 landed[str(row.get("stream", "?"))] = {"family": data.get("family"), **row}
+        elif event == "cross_checks":  # issue 10: the target's and tap's own counts
+            cross_checks.extend(_cross_check(item) for item in data.get("checks") or [])
     pipeline = dict(started.get("pipeline") or {})
     pipeline.setdefault("name", _pipeline_name(started))
     end = completed or {}
@@ -185,6 +188,8 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "bytes": end.get("bytes", sum(row["bytes"] for row in stream_rows)),
         "digest": end.get("digest"),
         "error": end.get("error"),
+        "counting_error": end.get("counting_error"),
+        "cross_checks": cross_checks,
         "parent_correlation_id": started.get("parent_correlation_id"),
         "inherited_correlation_from": started.get("inherited_correlation_from"),
         "openlineage_parent": started.get("openlineage_parent"),
@@ -248,7 +253,20 @@ def _landing_row(row: Mapping[str, Any]) -> dict[str, Any]:
     out = {key: row.get(key) for key in keys}
     out["bound"] = row.get("bound")
     out["reason"] = row.get("reason")
+    out["samples"] = [dict(s) for s in row.get("samples") or [] if isinstance(s, Mapping)]
+    out["key_columns"] = [str(c) for c in row.get("key_columns") or []]
     return out
+
+
+def _cross_check(item: Mapping[str, Any]) -> dict[str, Any]:
+    """One independent count (the target's lines read, the tap's record_count) against ours."""
+    return {
+        "kind": str(item.get("kind", "?")),
+        "stream": item.get("stream"),
+        "expected": item.get("expected"),
+        "reported": item.get("reported"),
+        "status": str(item.get("status", "?")),
+    }
 
 
 def _dbt_block(data: Mapping[str, Any]) -> dict[str, Any]:
