@@ -209,7 +209,11 @@ def _open_lineage(log_path: str | None) -> LineageStore:
 
     if log_path is None:
         log_path = os.environ.get("FLEXT_CONTEXT_LINEAGE_PATH") or str(default_log_path())
-    return open_log(log_path)
+    store = open_log(log_path)
+    close = getattr(store, "close", None)
+    if close is not None:
+        click.get_current_context().call_on_close(close)
+    return store
 
 
 def _write_output(text: str, output: Path | None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ import msgspec
 from flext_meltano_context.errors import FlextContextError, UsageError
 from flext_meltano_context.lineage.log import (
     FORMAT_VERSION,
-    SEALED_EVENT,
     ZERO_HASH,
     VerifyResult,
     canonical,
@@ -167,6 +166,12 @@ class PgStore:
             self._ensure_table(self._conn)
             self._ready = True
         return self._conn
+
+    def __enter__(self) -> PgStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the connection, if one is open."""
@@ -326,7 +331,7 @@ class PgStore:
 
     # --- reading ----------------------------------------------------------------------------
 
-    def _rows(self, where: str = "", params: Sequence[Any] = ()) -> Iterator[_Row]:
+    def _rows(self, where: str = "", params: Sequence[Any] = ()) -> Generator[_Row, None, None]:
         import psycopg
         from psycopg import sql
 
@@ -357,23 +362,6 @@ class PgStore:
         for line in self.lines():
             yield msgspec.json.decode(line)
 
-    def has(self, run_id: str, run_seq: int) -> bool:
-        """Whether the store holds that event."""
-        from psycopg import sql
-
-        found = (
-            self._connect()
-            .execute(
-                sql.SQL("SELECT 1 FROM {} WHERE run_id = %s AND run_seq = %s").format(
-                    self._table()
-                ),
-                [run_id, run_seq],
-            )
-            .fetchone()
-        )
-        self._connect().rollback()
-        return found is not None
-
     def verify(self) -> VerifyResult:
         """Check the chain row by row; name the first edited, deleted or reordered row."""
         sha = hashlib.sha256
@@ -387,13 +375,16 @@ class PgStore:
                 str(self), count, len(per_run), False, seq, kind, reason, unit="row seq"
             )
 
-        for row in self._rows():
+        rows = self._rows()
+        mismatch: tuple[_Row, int] | None = None
+        for row in rows:
             count += 1
             expected_run_seq = per_run.get(row.run_id, 0) + 1
             if sha(_body(row)).hexdigest() != row.hash:
-                kind, why = self._diagnose(row, expected_run_seq)
-                return bad(row.seq, kind, f"event {row.event!r} of run {row.run_id}: {why}")
+                mismatch = (row, expected_run_seq)
+                break
             if row.prev != expected_prev:
+                rows.close()
                 if row.seq > expected_seq:
                     return bad(
                         row.seq,
@@ -410,8 +401,10 @@ class PgStore:
                     )
                 return bad(row.seq, "deleted", "the first row does not start the chain")
             if row.seq != expected_seq:
+                rows.close()
                 return bad(row.seq, "malformed", f"seq {row.seq} where {expected_seq} was expected")
             if row.run_seq is not None and row.run_seq != expected_run_seq:
+                rows.close()
                 return bad(
                     row.seq,
                     "reordered",
@@ -420,6 +413,11 @@ class PgStore:
                 )
             per_run[row.run_id] = expected_run_seq
             expected_prev, expected_seq, previous = row.hash, row.seq + 1, row
+        rows.close()  # ends the read transaction before any diagnosis query
+        if mismatch is not None:
+            row, expected_run_seq = mismatch
+            kind, why = self._diagnose(row, expected_run_seq)
+            return bad(row.seq, kind, f"event {row.event!r} of run {row.run_id}: {why}")
         return VerifyResult(
             str(self), count, len(per_run), True, last_hash=expected_prev, unit="row seq"
         )
@@ -437,21 +435,16 @@ class PgStore:
             return "reordered", (
                 f"it was written as run_seq {expected_run_seq}, now says {row.run_seq}"
             )
+        # Which seq was it written with? Its predecessor's place (unless that moved too),
+        # else a nearby one: a swap moves rows a short way.
         conn = self._connect()
-        found = conn.execute(
-            sql.SQL("SELECT seq FROM {} WHERE hash = %s").format(self._table()), [row.prev]
-        ).fetchone()
-        conn.rollback()
-        written_as = int(found[0]) + 1 if found else 1 if row.prev == ZERO_HASH else None
-        if (
-            written_as is not None
-            and written_as != row.seq
-            and sha(_body(row, seq=written_as)).hexdigest() == row.hash
-        ):
-            return "reordered", f"it was written as seq {written_as}, now says {row.seq}"
+        with conn.transaction():
+            found = conn.execute(
+                sql.SQL("SELECT seq FROM {} WHERE hash = %s").format(self._table()), [row.prev]
+            ).fetchone()
+        near = range(max(1, row.seq - 64), row.seq + 65)
+        candidates = [int(found[0]) + 1] if found else [1] if row.prev == ZERO_HASH else []
+        for seq in (*candidates, *near):
+            if seq != row.seq and sha(_body(row, seq=seq)).hexdigest() == row.hash:
+                return "reordered", f"it was written as seq {seq}, now says {row.seq}"
         return "edited", "its hash does not match its columns"
-
-
-def records_for_store(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The events of a file to store, without its sealed partial lines."""
-    return [dict(record) for record in records if record.get("event") != SEALED_EVENT]

@@ -101,7 +101,7 @@ class Recorder:
         from flext_meltano_context.lineage.store import push
 
         try:
-            result = push(self.log.path, store)
+            result = push(self.log.path, store)  # this run's events are among those read
         except FlextContextError as exc:
             log.warning(
                 "lineage_store_unavailable",
@@ -112,8 +112,8 @@ class Recorder:
                 at=when,
             )
             return False
-        if result.inserted > 1 or when != "run_started":
-            log.debug("lineage_pushed", store=str(store), inserted=result.inserted, at=when)
+        if result.inserted > 1 and when == "run_started":  # a backlog of earlier runs went in
+            log.info("lineage_pushed", store=str(store), events=result.inserted - 1)
         return True
 
     def close(self) -> None:
