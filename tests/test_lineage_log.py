@@ -238,3 +238,23 @@ def test_verify_of_an_empty_or_fresh_log_is_intact(tmp_path: Path) -> None:
     path = tmp_path / "lineage.jsonl"
     path.write_bytes(b"")
     assert verify(path).ok
+
+
+def test_verify_takes_the_log_as_path_or_as_log_option(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    lines = _log(path)
+    runner = CliRunner()
+    for args in (["verify", str(path)], ["verify", "--log", str(path)]):
+        done = runner.invoke(cli, args, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        assert "intact, 6 lines, 2 runs" in done.output
+    path.write_bytes(b"".join(_edit(lines)))
+    done = runner.invoke(cli, ["verify", "--log", str(path)], catch_exceptions=False)
+    assert done.exit_code == 1
+    assert "line 3: edited" in done.output
+    both = runner.invoke(cli, ["verify", str(path), "--log", str(tmp_path / "other.jsonl")])
+    assert both.exit_code == 2

@@ -442,3 +442,37 @@ def test_push_of_a_spool_resumes_from_its_cursor(postgres: Server, tmp_path: Pat
     spool.write_bytes(spool.read_bytes())  # same bytes: the cursor still holds
     assert push(spool, store).read == 0
     store.close()
+
+
+def test_runs_overview_page_of_a_store_lists_every_machines_runs(
+    postgres: Server, tmp_path: Path
+) -> None:
+    from tests.test_lineage_html import CHROMIUM, _non_white, _png_pixels, _render
+
+    url = postgres.url(table="overview")
+    for host, records, extra in (("ci-runner-7", 12, ()), ("laptop", 30, ("--exit-after", "3"))):
+        env = _env(url, host, GITHUB_ACTIONS="true", GITHUB_WORKFLOW="nightly", GITHUB_JOB="load")
+        env["GITHUB_RUN_NUMBER"] = "41"
+        pipeline(tmp_path / host, env, records, *extra)
+    page = tmp_path / "runs.html"
+    made = flext(tmp_path, _env(url), "runs", "--format", "html", "-o", str(page))
+    assert made.returncode == 0, made.stderr
+    text = page.read_text("utf-8")
+    for expected in ("ci-runner-7", "laptop", "github: nightly / load #41", "success", "failed"):
+        assert expected in text
+    assert "<script" not in text
+    assert "default-src 'none'" in text
+    assert postgres.password not in text
+    if CHROMIUM is None:
+        pytest.skip("Debian 'chromium' is not installed (.ci/run installs it)")
+    shot, console = _render(page, tmp_path)
+    assert console == []
+    width, height, _ = _png_pixels(shot)
+    assert _non_white(shot) > 0.01 * width * height
+
+
+def test_runs_overview_of_an_empty_file_says_so(tmp_path: Path) -> None:
+    from flext_meltano_context.lineage.runs_html import overview, to_html
+
+    page = to_html(overview(tmp_path / "none.jsonl"), "none.jsonl")
+    assert "No runs yet." in page

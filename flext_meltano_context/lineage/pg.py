@@ -129,6 +129,29 @@ def _body(row: _Row, *, seq: int | None = None, run_seq: int | None = None) -> b
     return text.encode("utf-8")
 
 
+def _pieces(row: _Row) -> tuple[str, str, str]:
+    """A row's canonical JSON around its `prev` and `seq`: body = a + prev + b + seq + c."""
+    body = _body(row).decode("utf-8")
+    at_prev = body.index(',"prev":"') + len(',"prev":"')
+    at_seq = body.index(',"seq":', at_prev + 64) + len(',"seq":')
+    after_seq = body.index(",", at_seq)
+    return body[:at_prev], body[at_prev + 64 : at_seq], body[after_seq:]
+
+
+# One event in one statement after the lock: the server reads the tail, chains the row and hashes
+# the same canonical JSON the client would (the body's text around prev and seq comes from here).
+_INSERT_ONE = """
+INSERT INTO {table} (seq, v, ts, event, run_id, run_seq, correlation_id, data, prev, hash)
+SELECT n.seq, %(v)s, %(ts)s, %(event)s, %(run_id)s, %(run_seq)s, %(correlation_id)s,
+       %(data)s::json, n.prev,
+       encode(sha256(convert_to(%(a)s || n.prev || %(b)s || n.seq::text || %(c)s, 'UTF8')), 'hex')
+FROM (SELECT coalesce((SELECT seq FROM {table} ORDER BY seq DESC LIMIT 1), 0) + 1 AS seq,
+             coalesce((SELECT hash FROM {table} ORDER BY seq DESC LIMIT 1), %(zero)s) AS prev) n
+ON CONFLICT (run_id, run_seq) DO NOTHING
+RETURNING seq, prev, hash
+"""
+
+
 class PgStore:
     """One lineage chain in one PostgreSQL table; connects on first use."""
 
@@ -262,6 +285,8 @@ class PgStore:
 
         if not records:
             return []
+        if len(records) == 1:
+            return self._insert_one(records[0], fsync=fsync)
         conn = self._connect()
         table = self._table()
         from psycopg import sql
@@ -328,6 +353,55 @@ class PgStore:
             self.close()
             raise
         return stored
+
+    def _insert_one(self, record: Mapping[str, Any], *, fsync: bool) -> list[dict[str, Any]]:
+        """One event in one round trip (a pipeline: lock, insert-select, commit)."""
+        import psycopg
+        from psycopg import sql
+
+        row = _Row(
+            0,
+            int(record["v"]),
+            str(record["ts"]),
+            str(record["event"]),
+            str(record["run_id"]),
+            int(record["run_seq"]),
+            str(record["correlation_id"]),
+            canonical(record["data"]).decode("utf-8"),
+            ZERO_HASH,
+            "",
+        )
+        a, b, c = _pieces(row)
+        params = {
+            **{k: getattr(row, k) for k in ("v", "ts", "event", "run_id", "run_seq", "data")},
+            "correlation_id": row.correlation_id,
+            "a": a,
+            "b": b,
+            "c": c,
+            "zero": ZERO_HASH,
+        }
+        conn = self._connect()
+        try:
+            with conn.pipeline(), conn.transaction():
+                if not fsync:
+                    conn.execute("SET LOCAL synchronous_commit = off")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(self.location)])
+                cursor = conn.execute(
+                    sql.SQL(_INSERT_ONE).format(table=self._table()), params, prepare=True
+                )
+            found = cursor.fetchone()
+        except psycopg.Error as exc:
+            self.close()
+            raise StoreUnavailableError(
+                f"cannot write to the lineage store {self}: {self._scrub(str(exc)).strip()}"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+        if found is None:
+            return []  # the store had it already
+        seq, prev, digest = int(found[0]), str(found[1]), str(found[2])
+        return [{**record, "seq": seq, "prev": prev, "hash": digest}]
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ class Recorder:
     def close(self) -> None:
         """Push what the store still lacks, then flush and close the OpenLineage transport."""
         if self.store is not None:
-            if self._seq:
+            if self._direct is False:  # some events did not reach the store: push them now
                 self._push(self.store, "run_completed")
             self.store.close()
         if self._emitter is not None:

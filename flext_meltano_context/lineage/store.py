@@ -198,7 +198,7 @@ def push(source: Path, store: PgStore, *, use_cursor: bool = True) -> PushResult
     def flush(end: int, last: str) -> None:
         nonlocal inserted, already
         if batch:
-            done = len(store.insert(batch))
+            done = len(store.insert(batch, fsync=True))
             inserted, already = inserted + done, already + len(batch) - done
             batch.clear()
         if use_cursor:
