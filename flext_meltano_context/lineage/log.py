@@ -33,7 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,13 @@ class LineageLog:
         for line in self.lines():
             yield msgspec.json.decode(line)
 
-    def lines(self) -> Iterator[bytes]:
-        """The raw bytes of every line that is a whole record (newline included)."""
+    def lines(
+        self, *, events: Sequence[str] | None = None, run_id: str | None = None
+    ) -> Iterator[bytes]:
+        """The raw bytes of every line that is a whole record (newline included).
+
+        `events` and `run_id` are the store interface's hints; a file ignores them.
+        """
         try:
             handle = self.path.open("rb")
         except FileNotFoundError:

@@ -426,9 +426,23 @@ class PgStore:
                 f"cannot read the lineage store {self}: {self._scrub(str(exc)).strip()}"
             ) from exc
 
-    def lines(self) -> Iterator[bytes]:
-        """Every record as the JSONL line it would be in a file, in chain order."""
-        for row in self._rows():
+    def lines(
+        self, *, events: Sequence[str] | None = None, run_id: str | None = None
+    ) -> Iterator[bytes]:
+        """Every record as the JSONL line it would be in a file, in chain order.
+
+        `events` and `run_id` narrow the query (by the runs index and the run id key).
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if events is not None:
+            where.append("event = ANY(%s)")
+            params.append(list(events))
+        if run_id is not None:
+            where.append("run_id = %s")
+            params.append(run_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        for row in self._rows(clause, params):
             yield with_hash(_body(row), row.hash)
 
     def read(self) -> Iterator[dict[str, Any]]:

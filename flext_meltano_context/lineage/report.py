@@ -69,7 +69,7 @@ def list_runs(path: Source, *, pipeline: str | None = None) -> list[RunSummary]:
     """Every run in the log, oldest first; only start and end lines are decoded."""
     started: dict[str, dict[str, Any]] = {}
     completed: dict[str, dict[str, Any]] = {}
-    for line in open_log(path).lines():
+    for line in open_log(path).lines(events=("run_started", "run_completed")):
         if _RUN_STARTED in line:
             record = _decode(line)
             started[record["run_id"]] = record
@@ -117,7 +117,7 @@ def resolve_run_id(path: Source, run_id: str | None) -> str:
 def run_records(path: Source, run_id: str) -> list[dict[str, Any]]:
     """The records of one run, in log order."""
     needle = b'"run_id":' + json.dumps(run_id).encode()
-    return [_decode(line) for line in open_log(path).lines() if needle in line]
+    return [_decode(line) for line in open_log(path).lines(run_id=run_id) if needle in line]
 
 
 def _by_event(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -85,7 +85,8 @@ def overview(
     started: dict[str, dict[str, Any]] = {}
     completed: dict[str, dict[str, Any]] = {}
     landing: dict[str, str] = {}
-    for line in open_log(source).lines():
+    events = ("run_started", "run_completed", "landing")
+    for line in open_log(source).lines(events=events):
         if not any(needle in line for needle in _WANTED):
             continue
         record: dict[str, Any] = msgspec.json.decode(line)

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -49,7 +49,15 @@ class LineageStore(Protocol):
         run_seq: int | None = None,
     ) -> dict[str, Any]: ...
 
-    def lines(self) -> Iterator[bytes]: ...
+    def lines(
+        self, *, events: Sequence[str] | None = None, run_id: str | None = None
+    ) -> Iterator[bytes]:
+        """Every record as its JSONL line, in chain order.
+
+        `events` and `run_id` are hints: a store may leave out other records (a file yields
+        them all), so readers filter the lines themselves as well.
+        """
+        ...
 
     def read(self) -> Iterator[dict[str, Any]]: ...
 
