@@ -476,3 +476,24 @@ def test_runs_overview_of_an_empty_file_says_so(tmp_path: Path) -> None:
 
     page = to_html(overview(tmp_path / "none.jsonl"), "none.jsonl")
     assert "No runs yet." in page
+
+
+def test_store_rows_hash_the_same_canonical_json_as_a_file_line(postgres: Server) -> None:
+    import hashlib
+
+    from flext_meltano_context.lineage.log import canonical
+
+    odd = 'q"\\ \n\t\x01 é 日本 \u2028 😀 </script>'
+    with PgStore(postgres.url(table="canonical")) as store:
+        store.append(f"ev{odd}", run_id=f"r{odd}", correlation_id=odd, data={}, run_seq=1)
+        store.append("e", run_id="r", correlation_id="c", data={odd: [odd, 1.5, None]}, run_seq=1)
+        store.insert(  # the batch path (a push) hashes on the client
+            [{**record, "run_id": f"{record['run_id']}-pushed"} for record in store.read()]
+        )
+        records = list(store.read())
+        assert len(records) == 4
+        for record in records:
+            claimed = record.pop("hash")
+            assert hashlib.sha256(canonical(record)).hexdigest() == claimed
+        assert [r["data"] for r in records[:2]] == [{}, {odd: [odd, 1.5, None]}]
+        assert store.verify().ok

@@ -16,10 +16,10 @@ a changed `seq`/`run_seq`) is named, whatever rights its author had.
 from __future__ import annotations
 
 import hashlib
-import json
 import urllib.parse
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -116,17 +116,15 @@ class _Row(msgspec.Struct, array_like=True):
 
 def _body(row: _Row, *, seq: int | None = None, run_seq: int | None = None) -> bytes:
     """The canonical JSON of a row's record, assembled from its columns (keys in sorted order)."""
-    dumps = json.dumps
+    # encode_basestring is what json.dumps(..., ensure_ascii=False) uses for a string.
+    text = encode_basestring
     run_seq = row.run_seq if run_seq is None else run_seq
-    text = (
-        f'{{"correlation_id":{dumps(row.correlation_id, ensure_ascii=False)},"data":{row.data},'
-        f'"event":{dumps(row.event, ensure_ascii=False)},"prev":{dumps(row.prev)},'
-        f'"run_id":{dumps(row.run_id, ensure_ascii=False)},'
+    return (
+        f'{{"correlation_id":{text(row.correlation_id)},"data":{row.data},'
+        f'"event":{text(row.event)},"prev":{text(row.prev)},"run_id":{text(row.run_id)},'
         + ("" if run_seq is None else f'"run_seq":{run_seq},')
-        + f'"seq":{row.seq if seq is None else seq},"ts":{dumps(row.ts, ensure_ascii=False)},'
-        f'"v":{row.v}}}'
-    )
-    return text.encode("utf-8")
+        + f'"seq":{row.seq if seq is None else seq},"ts":{text(row.ts)},"v":{row.v}}}'
+    ).encode("utf-8")
 
 
 def _pieces(row: _Row) -> tuple[str, str, str]:
