@@ -266,13 +266,14 @@ def runs(
         _write_output(to_html(overview(store, limit=limit, pipeline=pipeline), str(store)), output)
         return
     found = list_runs(store, pipeline=pipeline)[-limit:][::-1]
+    hosts = _run_hosts(store, {run.run_id for run in found}) if found else {}
     if fmt == "json":
-        _write_output(json.dumps([run.to_dict() for run in found], indent=2) + "\n", output)
+        listed = [{**run.to_dict(), "host": hosts.get(run.run_id)} for run in found]
+        _write_output(json.dumps(listed, indent=2) + "\n", output)
         return
     if not found:
         click.echo(f"no runs in {store}", err=True)
         return
-    hosts = _run_hosts(store, {run.run_id for run in found})
     header = (
         "RUN ID",
         "PIPELINE",

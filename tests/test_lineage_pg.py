@@ -90,6 +90,7 @@ def test_two_machines_share_one_store_that_runs_and_check_read(
     assert listed.returncode == 0, listed.stderr
     runs = json.loads(listed.stdout)
     assert [run["records"] for run in runs] == [20, 50]  # newest first, both machines
+    assert [run["host"] for run in runs] == ["machine-b", "machine-a"]
     table = flext(tmp_path, _env(url), "runs")
     assert "machine-a" in table.stdout
     assert "machine-b" in table.stdout
@@ -497,3 +498,26 @@ def test_store_rows_hash_the_same_canonical_json_as_a_file_line(postgres: Server
             assert hashlib.sha256(canonical(record)).hexdigest() == claimed
         assert [r["data"] for r in records[:2]] == [{}, {odd: [odd, 1.5, None]}]
         assert store.verify().ok
+
+
+def test_systemdb_writes_to_meltanos_postgresql_system_database(
+    postgres: Server, tmp_path: Path
+) -> None:
+    uri = postgres.url().replace("postgresql://", "postgresql+psycopg://", 1)
+    env = _env("systemdb", MELTANO_DATABASE_URI=uri)
+    done = pipeline(tmp_path / "m", env, 6)
+    assert done.returncode == 0, done.stderr
+    assert "lineage_store_unavailable" not in done.stderr
+    rows = sql(
+        postgres,
+        "SELECT data->>'records' FROM flext_context.lineage_events WHERE event = 'run_completed'",
+    )
+    assert ("6",) in rows
+    shown = flext(tmp_path, env, "runs", "--format", "json")
+    assert json.loads(shown.stdout)[0]["records"] == 6
+    assert postgres.password not in done.stderr + shown.stdout + shown.stderr
+    # The control: a SQLite system database is refused before anything starts.
+    refused = pipeline(tmp_path / "s", _env("systemdb", MELTANO_DATABASE_URI="sqlite:///m.db"), 1)
+    assert refused.returncode == 2
+    assert "needs Meltano's system database to be PostgreSQL" in refused.stderr
+    assert not (tmp_path / "s" / "out.jsonl").exists()
