@@ -258,6 +258,7 @@ def runs(
     import json
 
     from flext_meltano_context.lineage.report import list_runs
+    from flext_meltano_context.lineage.runs_html import hosts as run_hosts
 
     store = _open_lineage(log_path)
     if fmt == "html":
@@ -266,7 +267,7 @@ def runs(
         _write_output(to_html(overview(store, limit=limit, pipeline=pipeline), str(store)), output)
         return
     found = list_runs(store, pipeline=pipeline)[-limit:][::-1]
-    hosts = _run_hosts(store, {run.run_id for run in found}) if found else {}
+    hosts = run_hosts(store, {run.run_id for run in found}) if found else {}
     if fmt == "json":
         listed = [{**run.to_dict(), "host": hosts.get(run.run_id)} for run in found]
         _write_output(json.dumps(listed, indent=2) + "\n", output)
@@ -304,13 +305,6 @@ def runs(
         for row in (header, *rows)
     )
     _write_output(text, output)
-
-
-def _run_hosts(store: LineageStore, run_ids: set[str]) -> dict[str, str]:
-    """The host each of `run_ids` ran on, from its run_started event."""
-    from flext_meltano_context.lineage.runs_html import overview
-
-    return {row.run_id: row.host for row in overview(store, run_ids=run_ids)}
 
 
 @cli.command()

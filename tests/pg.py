@@ -98,8 +98,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster() -> Iterator[Cluster]:
-    """A PostgreSQL cluster on 127.0.0.1, stopped and removed afterwards."""
+def cluster(*, durable: bool = False) -> Iterator[Cluster]:
+    """A PostgreSQL cluster on 127.0.0.1, stopped and removed afterwards.
+
+    Tests run it without fsync; `durable` keeps PostgreSQL's defaults (for benchmarks).
+    """
     bin_dir = server_binaries()
     if bin_dir is None:
         raise NoServerError(
@@ -145,10 +148,12 @@ def cluster() -> Iterator[Cluster]:
                 with (data / "postgresql.conf").open("a") as conf:
                     conf.write(
                         f"\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
-                        "unix_socket_directories = ''\nfsync = off\n"
-                        "synchronous_commit = off\nfull_page_writes = off\n"
-                        "max_connections = 200\n"
+                        "unix_socket_directories = ''\nmax_connections = 200\n"
                     )
+                    if not durable:
+                        conf.write(
+                            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                        )
                 start = running.start()
                 if start.returncode == 0:
                     break

@@ -74,6 +74,17 @@ def _landed(data: Mapping[str, Any]) -> str:
     return f"ok ({len(rows)} stream{'s' if len(rows) != 1 else ''})"
 
 
+def hosts(source: Source, run_ids: Set[str]) -> dict[str, str]:
+    """The host each of `run_ids` ran on (from its `run_started` event)."""
+    found = {}
+    for line in open_log(source).lines(events=("run_started",)):
+        if _WANTED[0] in line:
+            record: dict[str, Any] = msgspec.json.decode(line)
+            if record["run_id"] in run_ids:
+                found[record["run_id"]] = str(record["data"].get("host") or "")
+    return found
+
+
 def overview(
     source: Source,
     *,
