@@ -42,7 +42,13 @@ DEFAULT_TABLE = "lineage_events"
 _OWN_OPTIONS = ("schema", "table")
 _SCHEMES = ("postgresql://", "postgres://")
 _COLUMNS = "seq, v, ts, event, run_id, run_seq, correlation_id, data, prev, hash"
-_BATCH = 1000
+_NETWORK_DEFAULTS = (
+    ("connect_timeout", "5"),
+    ("tcp_user_timeout", "30000"),
+    ("keepalives_idle", "15"),
+    ("keepalives_interval", "5"),
+    ("keepalives_count", "3"),
+)
 
 
 class StoreUnavailableError(FlextContextError):
@@ -77,8 +83,12 @@ def parse_url(url: str) -> Location:
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     own = {key: value for key, value in query if key in _OWN_OPTIONS}
     rest = [(key, value) for key, value in query if key not in _OWN_OPTIONS]
-    if not any(key == "connect_timeout" for key, _ in rest):
-        rest.append(("connect_timeout", "5"))  # a store that is down must cost seconds, not minutes
+    # A store that is down or cut off must cost the run seconds, not minutes: libpq defaults
+    # the user did not set (connect, unacknowledged data, dead-peer detection).
+    given = {key for key, _ in rest}
+    for key, value in _NETWORK_DEFAULTS:
+        if key not in given:
+            rest.append((key, value))
     schema = own.get("schema") or DEFAULT_SCHEMA
     table = own.get("table") or DEFAULT_TABLE
     conninfo = urllib.parse.urlunsplit(
