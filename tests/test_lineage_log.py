@@ -258,3 +258,29 @@ def test_verify_takes_the_log_as_path_or_as_log_option(tmp_path: Path) -> None:
     assert "line 3: edited" in done.output
     both = runner.invoke(cli, ["verify", str(path), "--log", str(tmp_path / "other.jsonl")])
     assert both.exit_code == 2
+
+
+def test_runs_name_the_host_each_run_started_on(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    for host in ("runner-1", "runner-2"):
+        recorder = Recorder(
+            path, run_id=f"run-{host}", correlation_id="c", environ={"FLEXT_CONTEXT_HOSTNAME": host}
+        )
+        recorder.record("run_started", {"pipeline": {"name": "p"}})
+        recorder.record("run_completed", {"status": "success", "records": 1})
+        recorder.close()
+    done = CliRunner().invoke(cli, ["runs", "--log", str(path)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    header, newest, oldest = done.output.splitlines()
+    assert "HOST" in header
+    assert ("runner-2" in newest, "runner-1" in oldest) == (True, True)
+    page = tmp_path / "runs.html"
+    done = CliRunner().invoke(
+        cli, ["runs", "--log", str(path), "--format", "html", "-o", str(page)]
+    )
+    assert done.exit_code == 0, done.output
+    assert "runner-1" in page.read_text("utf-8")

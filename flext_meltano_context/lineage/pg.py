@@ -68,11 +68,7 @@ class Location:
     schema: str
     table: str
     name: str  # for people and logs: no password
-
-    @property
-    def key(self) -> str:
-        """The store's identity, the same for every user and password."""
-        return self.name
+    key: str  # the store's identity, the same for every user and password
 
 
 def parse_url(url: str) -> Location:
@@ -97,7 +93,8 @@ def parse_url(url: str) -> Location:
     host = parts.netloc.rpartition("@")[2]
     user = parts.netloc.rpartition("@")[0].partition(":")[0] if "@" in parts.netloc else ""
     shown = f"{parts.scheme}://{user + '@' if user else ''}{host}{parts.path}"
-    return Location(conninfo, schema, table, f"{shown} ({schema}.{table})")
+    where = f"{host}{parts.path} ({schema}.{table})"
+    return Location(conninfo, schema, table, f"{shown} ({schema}.{table})", where)
 
 
 def _password(url: str) -> str | None:
