@@ -141,7 +141,7 @@ def _postgres(base: Path, log: Path, runs: int, file_per_run: float, t0: dt.date
     """The same on a PostgreSQL store, when a server can be started here."""
     try:
         from flext_meltano_context.lineage.pg import PgStore
-        from flext_meltano_context.lineage.store import push
+        from flext_meltano_context.lineage.push import push
         from tests.pg import NoServerError, cluster
     except ImportError as exc:
         print(f"PostgreSQL store: skipped ({exc}; install the postgres extra)")

@@ -412,7 +412,7 @@ def lineage_push(source: Path | None, log_path: str | None) -> None:
     from flext_meltano_context.errors import UsageError
     from flext_meltano_context.lineage import default_log_path
     from flext_meltano_context.lineage.pg import PgStore
-    from flext_meltano_context.lineage.store import push
+    from flext_meltano_context.lineage.push import push
 
     store = _open_lineage(log_path or os.environ.get("FLEXT_CONTEXT_LINEAGE_PATH") or "")
     if not isinstance(store, PgStore):

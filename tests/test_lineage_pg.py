@@ -23,7 +23,8 @@ from flext_meltano_context.errors import UsageError
 from flext_meltano_context.lineage import default_log_path
 from flext_meltano_context.lineage.log import LineageLog
 from flext_meltano_context.lineage.pg import PgStore
-from flext_meltano_context.lineage.store import open_log, push, store_url
+from flext_meltano_context.lineage.push import push
+from flext_meltano_context.lineage.store import open_log, store_url
 from tests.conftest import fake
 from tests.pg import Server, cluster
 

@@ -1,7 +1,7 @@
 """The lineage of runs: the hash-chained log, reports on it, CI gates and OpenLineage events.
 
 `Recorder` is what the pipeline writes with; `LineageLog`/`verify` are the file, `pg` the
-PostgreSQL store and `store` the interface both share (and the push from a file to a store);
+PostgreSQL store, `store` the interface both share and `push` the spool into a store;
 `report` builds one run's report; `render` turns it into Markdown or HTML, `runs_html` renders
 the overview of many runs; `openlineage` maps a run to RunEvents.
 """

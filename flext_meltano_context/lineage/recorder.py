@@ -98,7 +98,7 @@ class Recorder:
             )
 
     def _push(self, store: PgStore, when: str) -> bool:
-        from flext_meltano_context.lineage.store import push
+        from flext_meltano_context.lineage.push import push
 
         try:
             result = push(self.log.path, store)  # this run's events are among those read
