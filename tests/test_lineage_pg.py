@@ -32,14 +32,15 @@ pytestmark = pytest.mark.e2e
 
 
 def _env(location: str, host: str = "machine-a", **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXT_", "MELTANO_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLEXT_", "MELTANO_", "PGPASS"))
+    }
     env.update(
         FLEXT_CONTEXT_LINEAGE_PATH=location,
         FLEXT_CONTEXT_HOSTNAME=host,
         FLEXT_CONTEXT_LOG_FORMAT="console",
         **extra,
     )
-    env.pop("PGPASSWORD", None)
     return env
 
 
@@ -522,3 +523,23 @@ def test_systemdb_writes_to_meltanos_postgresql_system_database(
     assert refused.returncode == 2
     assert "needs Meltano's system database to be PostgreSQL" in refused.stderr
     assert not (tmp_path / "s" / "out.jsonl").exists()
+
+
+def test_the_password_can_come_from_pgpassword_or_a_pgpass_file(
+    postgres: Server, tmp_path: Path
+) -> None:
+    url = postgres.url(password="", table="pgpass")
+    assert ":" not in url.split("@")[0].removeprefix("postgresql://")
+    with_env = pipeline(tmp_path / "env", _env(url, PGPASSWORD=postgres.password), 2)
+    assert with_env.returncode == 0, with_env.stderr
+    assert "lineage_store_unavailable" not in with_env.stderr
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{postgres.port}:postgres:postgres:{postgres.password}\n")
+    pgpass.chmod(0o600)
+    listed = flext(tmp_path, _env(url, PGPASSFILE=str(pgpass)), "runs", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [run["records"] for run in json.loads(listed.stdout)] == [2]
+    # The control: without either, the store refuses, and the error names it without secrets.
+    refused = flext(tmp_path, _env(url, PGPASSFILE=str(tmp_path / "none")), "runs")
+    assert refused.returncode == 1
+    assert "cannot connect to the lineage store postgresql://postgres@127.0.0.1" in refused.stderr
