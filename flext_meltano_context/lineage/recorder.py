@@ -112,8 +112,10 @@ class Recorder:
                 at=when,
             )
             return False
-        if result.inserted > 1 and when == "run_started":  # a backlog of earlier runs went in
-            log.info("lineage_pushed", store=str(store), events=result.inserted - 1)
+        # At the start, this run's first event is among those inserted; say so only for others.
+        pushed = result.inserted - 1 if when == "run_started" else result.inserted
+        if pushed > 0:
+            log.info("lineage_pushed", store=str(store), events=pushed, at=when)
         return True
 
     def close(self) -> None:
