@@ -543,3 +543,17 @@ def test_the_password_can_come_from_pgpassword_or_a_pgpass_file(
     refused = flext(tmp_path, _env(url, PGPASSFILE=str(tmp_path / "none")), "runs")
     assert refused.returncode == 1
     assert "cannot connect to the lineage store postgresql://postgres@127.0.0.1" in refused.stderr
+
+
+def test_a_store_answers_a_repeated_question_once_and_anew_after_a_write(
+    postgres: Server,
+) -> None:
+    from flext_meltano_context.lineage.report import list_runs
+
+    with PgStore(postgres.url(table="answers")) as store:
+        store.append("run_started", run_id="r1", correlation_id="c", data={}, run_seq=1)
+        assert [run.run_id for run in list_runs(store)] == ["r1"]
+        sql(postgres, "DELETE FROM flext_context.answers")  # not seen: the answer is kept
+        assert [run.run_id for run in list_runs(store)] == ["r1"]
+        store.append("run_started", run_id="r2", correlation_id="c", data={}, run_seq=1)
+        assert [run.run_id for run in list_runs(store)] == ["r2"]  # asked anew after a write

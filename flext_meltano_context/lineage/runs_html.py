@@ -77,7 +77,8 @@ def _landed(data: Mapping[str, Any]) -> str:
 def hosts(source: Source, run_ids: Set[str]) -> dict[str, str]:
     """The host each of `run_ids` ran on (from its `run_started` event)."""
     found = {}
-    for line in open_log(source).lines(events=("run_started",)):
+    # The same question list_runs asks, so a store answers both from one read.
+    for line in open_log(source).lines(events=("run_started", "run_completed")):
         if _WANTED[0] in line:
             record: dict[str, Any] = msgspec.json.decode(line)
             if record["run_id"] in run_ids:
