@@ -284,3 +284,17 @@ def test_runs_name_the_host_each_run_started_on(tmp_path: Path) -> None:
     )
     assert done.exit_code == 0, done.output
     assert "runner-1" in page.read_text("utf-8")
+
+
+def test_lineage_push_without_a_store_says_where_to_name_one(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    _log(path, runs=1)
+    done = CliRunner(env={"FLEXT_CONTEXT_LINEAGE_PATH": str(path)}).invoke(
+        cli, ["lineage", "push", "--from", str(path)]
+    )
+    assert done.exit_code == 2
+    assert "no store to push to: give --to postgresql://" in done.output
