@@ -2,6 +2,11 @@
 
 Run: .venv/bin/python benchmarks/lineage.py [RUNS]   (default 10,000 runs, 13 events each)
 Baseline: the same number of lines appended with a plain write (no lock, hash or tail read).
+
+With Debian's PostgreSQL server binaries installed (and psycopg), the same is measured on a
+PostgreSQL store in a throw-away cluster started like the tests' (tests/pg.py): a run's writes
+against the JSONL file's, eight concurrent writer processes (1,000 runs in all), and verify, runs
+and check --max-drop-pct on a store of RUNS runs (imported from the file with `lineage push`).
 """
 
 from __future__ import annotations
@@ -9,12 +14,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/pg.py: the cluster
 
 from flext_meltano_context.lineage.example import record_example_run
 from flext_meltano_context.lineage.log import verify
@@ -52,7 +61,8 @@ def main() -> None:
             record_example_run(single, start=t0, fsync=True)
             samples.append(time.perf_counter() - start)
         samples.sort()
-        print(f"{'one run, 13 events, 5 fsyncs (median of 20)':<52} {samples[10] * 1000:10.1f} ms")
+        fsynced = samples[10]
+        print(f"{'one run, 13 events, 5 fsyncs (median of 20)':<52} {fsynced * 1000:10.1f} ms")
         samples = []
         for _ in range(20):
             start = time.perf_counter()
@@ -105,6 +115,127 @@ def main() -> None:
         _timed("report --last: openlineage events", run_events, records)
         _timed("report of the first run: select records", run_records, log, first)
         _timed("json.dumps of the report", json.dumps, report)
+        _postgres(base, log, runs, fsynced, t0)
+
+
+_WRITER = """
+import datetime as dt, sys
+from flext_meltano_context.lineage.example import record_example_run
+t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+for index in range(int(sys.argv[2])):
+    record_example_run(sys.argv[1], start=t0 + dt.timedelta(minutes=index), fsync=True)
+"""
+
+
+def _check(store: Any) -> list[str]:
+    """What `flext-context check --last --max-drop-pct 20` does."""
+    from flext_meltano_context.lineage import gate
+
+    data = build_report(run_records(store, resolve_run_id(store, None)))
+    previous = gate.previous_success(store, data)
+    assert previous is not None
+    return gate.violations(data, max_drop_pct=20.0, previous=previous)
+
+
+def _postgres(base: Path, log: Path, runs: int, file_per_run: float, t0: dt.datetime) -> None:
+    """The same on a PostgreSQL store, when a server can be started here."""
+    try:
+        from flext_meltano_context.lineage.pg import PgStore
+        from flext_meltano_context.lineage.push import push
+        from tests.pg import NoServerError, cluster
+    except ImportError as exc:
+        print(f"PostgreSQL store: skipped ({exc}; install the postgres extra)")
+        return
+    try:
+        running = cluster(durable=True)  # fsync on, as a real server
+        pg = running.__enter__()
+    except NoServerError as exc:
+        print(f"PostgreSQL store: skipped ({exc})")
+        return
+    try:
+        url = pg.server.url(table="bench_single")
+        os.environ["FLEXT_CONTEXT_LINEAGE_PATH"] = url  # the recorder writes to the store too
+        spool = base / "spool.jsonl"
+        record_example_run(spool, start=t0)  # creates the table, warms the connection path
+        samples = []
+        for _ in range(20):
+            start = time.perf_counter()
+            record_example_run(spool, start=t0, fsync=True)
+            samples.append(time.perf_counter() - start)
+        samples.sort()
+        print(
+            f"{'PG: one run, 13 events, 5 fsyncs, file + store':<52} {samples[10] * 1000:10.1f} ms"
+        )
+        print(
+            f"{'  ratio (file + store / file alone, both fsynced)':<52} "
+            f"{samples[10] / file_per_run:10.1f} x"
+        )
+
+        os.environ["FLEXT_CONTEXT_LINEAGE_PATH"] = pg.server.url(table="bench_writers")
+        start = time.perf_counter()
+        procs = []
+        for n in range(8):
+            work = base / f"writer{n}"
+            work.mkdir()
+            procs.append(
+                subprocess.Popen([sys.executable, "-c", _WRITER, str(work / "l.jsonl"), "125"])
+            )
+        assert [proc.wait() for proc in procs] == [0] * 8
+        elapsed = time.perf_counter() - start
+        with PgStore(pg.server.url(table="bench_writers")) as store:
+            result = store.verify()
+        print(
+            f"{'PG: 8 writer processes, 1,000 runs: events/s':<52} {result.lines / elapsed:10.0f}"
+        )
+        print(
+            f"{'  events / runs / chain valid':<52} {result.lines:>8} {result.runs:>8} "
+            f"{result.ok!s:>8}"
+        )
+        os.environ.pop("FLEXT_CONTEXT_LINEAGE_PATH")
+
+        with PgStore(pg.server.url(table="bench_many")) as store:
+            pushed, _ = _timed(
+                f"PG: import {runs} runs (lineage push --from)",
+                lambda: push(log, store, use_cursor=False),
+            )
+            assert pushed.inserted == pushed.read
+            result, _ = _timed("PG: verify (in process)", store.verify)
+            assert result.ok, result.describe()
+            assert result.runs == runs
+            listed, _ = _timed("PG: list_runs (in process)", list_runs, store)
+            assert len(listed) == runs
+            _timed("PG: check --last --max-drop-pct 20 (in process)", _check, store)
+        # What a person waits for: the commands, Python start-up included.
+        url = pg.server.url(table="bench_many")
+        worst = 0.0
+        for args in (
+            ("verify",),
+            ("runs",),
+            ("runs", "--format", "html"),
+            ("check", "--last", "--max-drop-pct", "20"),
+        ):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "flext_meltano_context", *args, "--log", url],
+                capture_output=True,
+                check=False,
+            )
+            took = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            assert done.returncode == 0, done.stderr[-2000:]
+            worst = max(worst, took)
+            print(
+                f"{'PG: flext-context ' + ' '.join(args):<52} {took * 1000:10.1f} ms"
+                f"  (its CPU {cpu * 1000:.0f} ms)"
+            )
+        print(
+            f"{'  slowest command on ' + str(runs) + ' runs (goal < 2 s)':<52} "
+            f"{worst * 1000:10.1f} ms"
+        )
+    finally:
+        running.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from flext_meltano_context.__about__ import __version__
+
+if TYPE_CHECKING:
+    from flext_meltano_context.lineage.store import LineageStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -202,17 +205,28 @@ def run(
 _LOG_OPTION = click.option(
     "--log",
     "log_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH|URL",
     default=None,
-    help="Lineage log (default: $FLEXT_CONTEXT_LINEAGE_PATH, else .meltano/flext-context/"
+    help="Lineage log: a JSONL file, a postgresql://user@host/db[?schema=S&table=T] store, or "
+    "'systemdb' (default: $FLEXT_CONTEXT_LINEAGE_PATH, else .meltano/flext-context/"
     "lineage.jsonl under Meltano, else ./.flext-context/lineage.jsonl).",
 )
 
 
-def _lineage_path(log_path: Path | None) -> Path:
-    from flext_meltano_context.lineage import default_log_path
+def _open_lineage(log_path: str | None) -> LineageStore:
+    """The lineage log or store `--log` names, else the configured one: the one way to open it."""
+    import os
 
-    return log_path if log_path is not None else default_log_path()
+    from flext_meltano_context.lineage import default_log_path
+    from flext_meltano_context.lineage.store import open_log
+
+    if log_path is None:
+        log_path = os.environ.get("FLEXT_CONTEXT_LINEAGE_PATH") or str(default_log_path())
+    store = open_log(log_path)
+    close = getattr(store, "close", None)
+    if close is not None:
+        click.get_current_context().call_on_close(close)
+    return store
 
 
 def _write_output(text: str, output: Path | None) -> None:
@@ -234,28 +248,62 @@ def _write_output(text: str, output: Path | None) -> None:
 @_LOG_OPTION
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--pipeline", default=None, help="Only runs of this pipeline (its name).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "html"]),
+    default="table",
+    show_default=True,
+    help="html: one self-contained page (use with -o FILE).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to this file (atomically) instead of stdout.",
+)
 @_exits
-def runs(log_path: Path | None, limit: int, pipeline: str | None, fmt: str) -> None:
-    """List recent runs, newest first: status, duration, records, correlation id."""
+def runs(
+    log_path: str | None, limit: int, pipeline: str | None, fmt: str, output: Path | None
+) -> None:
+    """List recent runs, newest first: status, host, duration, records, correlation id."""
     import json
 
     from flext_meltano_context.lineage.report import list_runs
+    from flext_meltano_context.lineage.runs_html import hosts as run_hosts
 
-    path = _lineage_path(log_path)
-    found = list_runs(path, pipeline=pipeline)[-limit:][::-1]
+    store = _open_lineage(log_path)
+    if fmt == "html":
+        from flext_meltano_context.lineage.runs_html import overview, to_html
+
+        _write_output(to_html(overview(store, limit=limit, pipeline=pipeline), str(store)), output)
+        return
+    found = list_runs(store, pipeline=pipeline)[-limit:][::-1]
+    hosts = run_hosts(store, {run.run_id for run in found}) if found else {}
     if fmt == "json":
-        click.echo(json.dumps([run.to_dict() for run in found], indent=2))
+        listed = [{**run.to_dict(), "host": hosts.get(run.run_id)} for run in found]
+        _write_output(json.dumps(listed, indent=2) + "\n", output)
         return
     if not found:
-        click.echo(f"no runs in {path}", err=True)
+        click.echo(f"no runs in {store}", err=True)
         return
-    header = ("RUN ID", "PIPELINE", "STATUS", "STARTED", "DURATION", "RECORDS", "CORRELATION ID")
+    header = (
+        "RUN ID",
+        "PIPELINE",
+        "STATUS",
+        "HOST",
+        "STARTED",
+        "DURATION",
+        "RECORDS",
+        "CORRELATION ID",
+    )
     rows = [
         (
             run.run_id,
             run.pipeline,
             run.status,
+            hosts.get(run.run_id, ""),
             (run.started_at or "")[:19].replace("T", " "),
             "" if run.duration_s is None else f"{run.duration_s:.1f}s",
             "" if run.records is None else str(run.records),
@@ -264,9 +312,12 @@ def runs(log_path: Path | None, limit: int, pipeline: str | None, fmt: str) -> N
         for run in found
     ]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        click.echo("  ".join(cells).rstrip())
+    text = "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        + "\n"
+        for row in (header, *rows)
+    )
+    _write_output(text, output)
 
 
 @cli.command()
@@ -284,7 +335,7 @@ def runs(log_path: Path | None, limit: int, pipeline: str | None, fmt: str) -> N
 @_LOG_OPTION
 @_exits
 def report(
-    run_id: str | None, last: bool, fmt: str, output: Path | None, log_path: Path | None
+    run_id: str | None, last: bool, fmt: str, output: Path | None, log_path: str | None
 ) -> None:
     """Report one run (RUN_ID or a unique prefix of it, or --last) from the lineage log."""
     import json
@@ -294,7 +345,7 @@ def report(
 
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
-    path = _lineage_path(log_path)
+    path = _open_lineage(log_path)
     records = run_records(path, resolve_run_id(path, run_id))
     if fmt == "openlineage":
         from flext_meltano_context.lineage.openlineage import run_events
@@ -316,14 +367,20 @@ def report(
 
 
 @cli.command()
-@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", required=False, metavar="[PATH|URL]")
+@_LOG_OPTION
 @_exits
-def verify(path: Path | None) -> None:
-    """Check the lineage log's hash chain: exit 0 when intact, else name the first bad line."""
-    from flext_meltano_context.errors import FlextContextError
-    from flext_meltano_context.lineage.log import verify as verify_log
+def verify(path: str | None, log_path: str | None) -> None:
+    """Check the lineage log's hash chain: exit 0 when intact, else name the first bad line.
 
-    result = verify_log(_lineage_path(path))
+    PATH (or --log) is a JSONL file or a PostgreSQL store; in a store the first edited, deleted
+    or reordered row is named by its seq, plain SQL changes included.
+    """
+    from flext_meltano_context.errors import FlextContextError, UsageError
+
+    if path is not None and log_path is not None and path != log_path:
+        raise UsageError("give the log as PATH or as --log, not both")
+    result = _open_lineage(path or log_path).verify()
     if not result.ok:
         raise FlextContextError(result.describe())
     click.echo(result.describe())
@@ -333,6 +390,55 @@ def verify(path: Path | None) -> None:
             f"{sealed.offset}) left by a crash and sealed by the next writer",
             err=True,
         )
+
+
+@cli.group()
+def lineage() -> None:
+    """The lineage store: push the local log's events to a PostgreSQL store."""
+
+
+@lineage.command("push")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Import this JSONL log (all of it) instead of pushing the local spool.",
+)
+@click.option(
+    "--to",
+    "--log",
+    "log_path",
+    metavar="URL",
+    default=None,
+    help="The store (default: $FLEXT_CONTEXT_LINEAGE_PATH, a postgresql:// URL or 'systemdb').",
+)
+@_exits
+def lineage_push(source: Path | None, log_path: str | None) -> None:
+    """Send the events a store lacks, in order, each once (by run id and sequence number).
+
+    Without --from, the local log (the spool the runs write first) is pushed from where the last
+    push stopped. A log whose chain is broken is refused from the break on.
+    """
+    import os
+
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.lineage import default_log_path
+    from flext_meltano_context.lineage.pg import PgStore
+    from flext_meltano_context.lineage.push import push
+
+    store = _open_lineage(log_path or os.environ.get("FLEXT_CONTEXT_LINEAGE_PATH") or "")
+    if not isinstance(store, PgStore):
+        raise UsageError(
+            "no store to push to: give --to postgresql://... (or 'systemdb'), or set "
+            "FLEXT_CONTEXT_LINEAGE_PATH to one"
+        )
+    spool = source if source is not None else default_log_path()
+    try:
+        result = push(spool, store, use_cursor=source is None)
+    finally:
+        store.close()
+    click.echo(result.describe(spool, store), err=True)
 
 
 def _min_records(values: tuple[str, ...]) -> dict[str, int]:
@@ -379,7 +485,7 @@ def check(
     allow_unchecked: bool,
     min_records: tuple[str, ...],
     max_drop_pct: float | None,
-    log_path: Path | None,
+    log_path: str | None,
 ) -> None:
     """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule."""
     from flext_meltano_context.errors import UsageError
@@ -389,7 +495,7 @@ def check(
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
     minimums = _min_records(min_records)
-    path = _lineage_path(log_path)
+    path = _open_lineage(log_path)
     data = build_report(run_records(path, resolve_run_id(path, run_id)))
     previous = gate.previous_success(path, data) if max_drop_pct is not None else None
     problems = gate.violations(

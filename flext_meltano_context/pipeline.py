@@ -181,7 +181,10 @@ def _open_run(
     phase_ids = {"extract": ids.uuid7(), "load": ids.uuid7()}
     phase_ids.update({block: ids.uuid7() for block, _argv in prepared.transform_argvs})
     recorder = Recorder(
-        conf.lineage_path, run_id=identity.run_id, correlation_id=identity.correlation_id
+        conf.lineage_path,
+        run_id=identity.run_id,
+        correlation_id=identity.correlation_id,
+        environ=env,  # the store (FLEXT_CONTEXT_LINEAGE_PATH) and host name of this run
     )
     recorder.record(
         "run_started",

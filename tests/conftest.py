@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.pg import NoServerError, Server, cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -72,3 +74,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             "TRACESTATE",
         }:
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Server]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 for this session (see tests/pg.py)."""
+    try:
+        with cluster() as running:
+            yield running.server
+    except NoServerError as exc:
+        pytest.skip(str(exc))

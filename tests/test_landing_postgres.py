@@ -6,24 +6,16 @@ removes it at the end; `.ci/run` installs the `postgresql` package.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pwd
-import re
 import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import fake, install_tool
+from tests.pg import Server
 from tests.test_landing import cli, only, run
 from tests.test_landing_keys import delete_wrapper
 from tests.test_landing_secrets import assert_nowhere, outputs
@@ -31,113 +23,6 @@ from tests.test_landing_secrets import assert_nowhere, outputs
 pytestmark = pytest.mark.e2e
 
 TARGET_POSTGRES = "meltanolabs-target-postgres==0.8.1"
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    port: int
-    password: str
-
-    def config(self, **changes: Any) -> dict[str, Any]:
-        """A target-postgres config for this server; `changes` override or add settings."""
-        base = {
-            "host": "127.0.0.1",
-            "port": self.port,
-            "user": "postgres",
-            "password": self.password,
-            "database": "postgres",
-        }
-        return {**base, **changes}
-
-
-def server_binaries() -> Path | None:
-    """The newest Debian PostgreSQL bin directory with initdb and pg_ctl, if any."""
-    found = []
-    for bin_dir in Path("/usr/lib/postgresql").glob("*/bin"):
-        if (bin_dir / "initdb").is_file() and (bin_dir / "pg_ctl").is_file():
-            version = tuple(int(p) for p in re.findall(r"\d+", bin_dir.parent.name))
-            found.append((version, bin_dir))
-    return max(found)[1] if found else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Server]:
-    """A PostgreSQL cluster on 127.0.0.1 for this session, stopped and removed afterwards."""
-    bin_dir = server_binaries()
-    if bin_dir is None:
-        pytest.skip(
-            "no PostgreSQL server under /usr/lib/postgresql/*/bin (apt-get install postgresql)"
-        )
-    as_user: list[str] = []
-    owner: pwd.struct_passwd | None = None
-    if os.geteuid() == 0:  # initdb refuses root: run the server as an unprivileged user
-        runuser = shutil.which("runuser")
-        for name in ("postgres", "nobody"):
-            with contextlib.suppress(KeyError):
-                owner = owner or pwd.getpwnam(name)
-        if runuser is None or owner is None:
-            pytest.fail("running as root: need runuser and a postgres or nobody user")
-        as_user = [runuser, "-u", owner.pw_name, "--"]
-    # Not tmp_path: pytest's base temp directory is private to root, the server user must enter.
-    with tempfile.TemporaryDirectory(prefix="flext-pg-") as tmp:
-        root = Path(tmp)
-        password = f"pg-{secrets.token_hex(8)}"
-        (root / "pwfile").write_text(password + "\n")
-        if owner is not None:
-            for path in (root, root / "pwfile"):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-        data, logfile = root / "data", root / "server.log"
-
-        def pg(*argv: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*as_user, *argv],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-
-        init = pg(
-            str(bin_dir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            f"--pwfile={root / 'pwfile'}",
-            "--auth=scram-sha-256",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        )
-        assert init.returncode == 0, init.stderr
-        try:
-            for _attempt in range(3):  # another process may take the free port first
-                port = free_port()
-                with (data / "postgresql.conf").open("a") as conf:
-                    conf.write(
-                        f"\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
-                        "unix_socket_directories = ''\nfsync = off\n"
-                        "synchronous_commit = off\nfull_page_writes = off\n"
-                    )
-                start = pg(
-                    str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "start"
-                )
-                if start.returncode == 0:
-                    break
-            else:
-                log = logfile.read_text() if logfile.exists() else ""
-                pytest.fail(f"PostgreSQL did not start:\n{start.stderr}\n{log[-2000:]}")
-            yield Server(port, password)
-        finally:
-            pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
 
 
 def config_file(path: Path, config: Mapping[str, Any]) -> Path:

@@ -93,7 +93,7 @@ def _rehash_edit(lines: list[bytes]) -> list[bytes]:
         (_edit, 3, "edited"),
         (_delete, 3, "deleted"),
         (_delete_first, 1, "deleted"),
-        (_reorder, 3, "deleted"),
+        (_reorder, 3, "reordered"),
         (_truncate, 6, "truncated"),
         (_garbage, 4, "malformed"),
         (_rehash_edit, 4, "deleted"),
@@ -110,18 +110,63 @@ def test_verify_names_the_first_bad_line_and_why(
     assert f"line {line}: {kind}" in result.describe()
 
 
-def test_swapped_lines_are_reported_as_reordered_when_seq_goes_back(tmp_path: Path) -> None:
+def test_moved_lines_are_reported_as_reordered_and_deleted_ones_as_deleted(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "lineage.jsonl"
     lines = _log(path)
-    lines[2], lines[4] = lines[4], lines[2]
-    path.write_bytes(b"".join(lines))
-    result = verify(path)
-    assert (result.line, result.kind) == (3, "deleted")
-    lines = _log(tmp_path / "b.jsonl")
+    path.write_bytes(b"".join([*lines[:2], lines[4], lines[3], lines[2], lines[5]]))
+    assert (verify(path).line, verify(path).kind) == (3, "reordered")
     path.write_bytes(b"".join([lines[0], lines[1], lines[3], lines[2], *lines[4:]]))
-    assert (verify(path).line, verify(path).kind) == (3, "deleted")
+    assert (verify(path).line, verify(path).kind) == (3, "reordered")
     path.write_bytes(b"".join([*lines[:3], lines[1], *lines[3:]]))
     assert (verify(path).line, verify(path).kind) == (4, "reordered")
+    # The control: the same jump in seq with the line gone from the file is a deletion.
+    path.write_bytes(b"".join([lines[0], lines[1], lines[3], *lines[4:]]))
+    assert (verify(path).line, verify(path).kind) == (3, "deleted")
+
+
+def test_a_whole_last_line_that_is_not_a_record_is_sealed_so_verify_accepts_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lineage.jsonl"
+    lines = _log(path, runs=1)
+    path.write_bytes(b"".join([*lines, b'{"edited by hand": true}\n']))
+    assert (verify(path).line, verify(path).kind) == (4, "malformed")
+    Recorder(path, run_id="next", correlation_id="c").record("run_started", {})
+    result = verify(path)
+    assert result.ok, result.describe()
+    assert [(s.line, s.length) for s in result.sealed] == [(4, 24)]
+    assert len(path.read_bytes().splitlines()) == 6  # no empty line added before the seal
+    # The control: a partial line (no newline) gets the newline it lacks, and verifies too.
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines, b'{"partial']))
+    Recorder(path, run_id="third", correlation_id="c").record("run_started", {})
+    assert verify(path).ok, verify(path).describe()
+
+
+def test_recorder_numbers_each_runs_events_from_one(tmp_path: Path) -> None:
+    path = tmp_path / "lineage.jsonl"
+    _log(path, runs=2, events=3)
+    records = list(LineageLog(path).read())
+    assert [(r["run_id"], r["run_seq"]) for r in records] == [
+        ("run-0", 1),
+        ("run-0", 2),
+        ("run-0", 3),
+        ("run-1", 1),
+        ("run-1", 2),
+        ("run-1", 3),
+    ]
+
+
+def test_a_log_written_before_run_seq_existed_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "lineage.jsonl"
+    log = LineageLog(path)
+    log.append("run_started", run_id="old", correlation_id="c", data={})
+    log.append("run_completed", run_id="old", correlation_id="c", data={"status": "success"})
+    assert all("run_seq" not in record for record in log.read())
+    Recorder(path, run_id="new", correlation_id="c").record("run_started", {})
+    assert verify(path).ok
 
 
 def test_a_partial_last_line_is_sealed_by_the_next_writer(tmp_path: Path) -> None:
@@ -193,3 +238,63 @@ def test_verify_of_an_empty_or_fresh_log_is_intact(tmp_path: Path) -> None:
     path = tmp_path / "lineage.jsonl"
     path.write_bytes(b"")
     assert verify(path).ok
+
+
+def test_verify_takes_the_log_as_path_or_as_log_option(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    lines = _log(path)
+    runner = CliRunner()
+    for args in (["verify", str(path)], ["verify", "--log", str(path)]):
+        done = runner.invoke(cli, args, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        assert "intact, 6 lines, 2 runs" in done.output
+    path.write_bytes(b"".join(_edit(lines)))
+    done = runner.invoke(cli, ["verify", "--log", str(path)], catch_exceptions=False)
+    assert done.exit_code == 1
+    assert "line 3: edited" in done.output
+    both = runner.invoke(cli, ["verify", str(path), "--log", str(tmp_path / "other.jsonl")])
+    assert both.exit_code == 2
+
+
+def test_runs_name_the_host_each_run_started_on(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    for host in ("runner-1", "runner-2"):
+        recorder = Recorder(
+            path, run_id=f"run-{host}", correlation_id="c", environ={"FLEXT_CONTEXT_HOSTNAME": host}
+        )
+        recorder.record("run_started", {"pipeline": {"name": "p"}})
+        recorder.record("run_completed", {"status": "success", "records": 1})
+        recorder.close()
+    done = CliRunner().invoke(cli, ["runs", "--log", str(path)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    header, newest, oldest = done.output.splitlines()
+    assert "HOST" in header
+    assert ("runner-2" in newest, "runner-1" in oldest) == (True, True)
+    page = tmp_path / "runs.html"
+    done = CliRunner().invoke(
+        cli, ["runs", "--log", str(path), "--format", "html", "-o", str(page)]
+    )
+    assert done.exit_code == 0, done.output
+    assert "runner-1" in page.read_text("utf-8")
+
+
+def test_lineage_push_without_a_store_says_where_to_name_one(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flext_meltano_context.cli import cli
+
+    path = tmp_path / "lineage.jsonl"
+    _log(path, runs=1)
+    done = CliRunner(env={"FLEXT_CONTEXT_LINEAGE_PATH": str(path)}).invoke(
+        cli, ["lineage", "push", "--from", str(path)]
+    )
+    assert done.exit_code == 2
+    assert "no store to push to: give --to postgresql://" in done.output

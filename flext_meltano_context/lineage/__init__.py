@@ -1,7 +1,9 @@
 """The lineage of runs: the hash-chained log, reports on it, CI gates and OpenLineage events.
 
-`Recorder` is what the pipeline writes with; `LineageLog`/`verify` are the file; `report` builds
-one run's report; `render` turns it into Markdown or HTML; `openlineage` maps it to RunEvents.
+`Recorder` is what the pipeline writes with; `LineageLog`/`verify` are the file, `pg` the
+PostgreSQL store, `store` the interface both share and `push` the spool into a store;
+`report` builds one run's report; `render` turns it into Markdown or HTML, `runs_html` renders
+the overview of many runs; `openlineage` maps a run to RunEvents.
 """
 
 from __future__ import annotations
@@ -17,15 +19,22 @@ __all__ = ["LineageLog", "Recorder", "VerifyResult", "default_log_path", "verify
 
 
 def default_log_path(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
-    """Where the lineage log lives.
+    """Where the local lineage log lives.
 
     `$FLEXT_CONTEXT_LINEAGE_PATH`, else `$MELTANO_PROJECT_ROOT/.meltano/flext-context/lineage.jsonl`
     under Meltano (in `$MELTANO_SYS_DIR_ROOT` when Meltano names it), else
-    `./.flext-context/lineage.jsonl`.
+    `./.flext-context/lineage.jsonl`. When the setting names a store (`postgresql://...` or
+    `systemdb`), the local log is the store's spool at the default place; a `systemdb` that is
+    not PostgreSQL is a UsageError here, before anything starts.
     """
+    from flext_meltano_context.lineage.store import is_store_location, store_url
+
     env = os.environ if environ is None else environ
-    if env.get("FLEXT_CONTEXT_LINEAGE_PATH"):
-        return Path(env["FLEXT_CONTEXT_LINEAGE_PATH"]).expanduser()
+    setting = env.get("FLEXT_CONTEXT_LINEAGE_PATH", "")
+    if is_store_location(setting):
+        store_url(setting, env)  # fail early on a systemdb that is not PostgreSQL
+    elif setting:
+        return Path(setting).expanduser()
     base = cwd or Path.cwd()
     if env.get("MELTANO_PROJECT_ROOT"):
         root = Path(env["MELTANO_PROJECT_ROOT"])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flext_meltano_context.lineage.report import build_report, list_runs, run_records
+from flext_meltano_context.lineage.store import Source
 
 
 def stream_records(report: Mapping[str, Any]) -> dict[str, int]:
@@ -14,7 +14,7 @@ def stream_records(report: Mapping[str, Any]) -> dict[str, int]:
     return {row["stream"]: int(row["records"]) for row in report["streams"]}
 
 
-def previous_success(path: Path, report: Mapping[str, Any]) -> dict[str, Any] | None:
+def previous_success(path: Source, report: Mapping[str, Any]) -> dict[str, Any] | None:
     """The report of the last successful run of the same pipeline before `report`'s run."""
     earlier = None
     for run in list_runs(path, pipeline=report["pipeline"]["name"]):

@@ -10,13 +10,16 @@ level, separators `,` and `:`, no whitespace, non-ASCII kept as UTF-8, no NaN/In
 that canonical JSON with `,"hash":"<hex>"` inserted before its final `}`, so the hash of a line is
 also the sha256 of its bytes with that member removed (which is how `verify` checks it quickly).
 `prev` is the previous line's `hash` (64 zeros on the first line); `seq` counts lines from 1.
+`run_seq` counts one run's events from 1 (logs written before it existed have none): with the run
+id it names an event wherever it is stored, so pushing it to a store twice stores it once.
 
 A writer holds `flock(LOCK_EX)` on the file, reads the last line's hash from the end of the file,
 and writes the whole new line with one `os.write` (the file is opened `O_APPEND`), fsyncing when
 asked: concurrent runs never interleave or fork the chain. A crash can leave at most one partial
-last line (no trailing newline); the next writer seals it: it writes a newline and then a
-`sealed_partial_line` record naming the partial line's byte offset, length and sha256, chained to
-the last whole line. `verify` accepts a sealed line and reports it.
+last line (no trailing newline); the next writer seals it: it ends that line with a newline and
+writes a `sealed_partial_line` record naming the line's byte offset, length and sha256, chained to
+the last whole record. A whole last line that is not a record is sealed the same way (no newline
+added). `verify` accepts a sealed line and reports it.
 
 Deleting lines at the very end of the file cannot be detected from the file alone (no chain does
 that); compare the line count or last hash with a copy kept elsewhere when that matters.
@@ -24,12 +27,13 @@ that); compare the line count or last hash with a copy kept elsewhere when that 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +98,9 @@ def line_body_hash(line: bytes) -> str:
 class _Tail:
     seq: int
     hash: str
-    partial: bytes | None  # the bytes after the last newline, if the file does not end with one
+    partial: bytes | None  # a last line that is not a record, without its newline
     partial_offset: int
+    partial_ends_line: bool = False  # the partial line has its newline already
 
 
 class LineageLog:
@@ -103,6 +108,13 @@ class LineageLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def verify(self) -> VerifyResult:
+        """Check the file's hash chain (see `verify`)."""
+        return verify(self.path)
 
     def append(
         self,
@@ -112,6 +124,7 @@ class LineageLog:
         correlation_id: str,
         data: Mapping[str, Any],
         fsync: bool = False,
+        run_seq: int | None = None,
     ) -> dict[str, Any]:
         """Append one record (one `write` under an exclusive lock) and return it as written."""
         try:
@@ -134,8 +147,9 @@ class LineageLog:
                     "sha256": hashlib.sha256(tail.partial).hexdigest(),
                 }
                 sealed, prev = _encode(SEALED_EVENT, seq + 1, run_id, correlation_id, seal, prev)
-                out, seq = b"\n" + sealed, seq + 1
-            line, _ = _encode(event, seq + 1, run_id, correlation_id, data, prev)
+                out = sealed if tail.partial_ends_line else b"\n" + sealed
+                seq += 1
+            line, _ = _encode(event, seq + 1, run_id, correlation_id, data, prev, run_seq)
             out += line
             _write_all(fd, out)
             if fsync:
@@ -154,8 +168,13 @@ class LineageLog:
         for line in self.lines():
             yield msgspec.json.decode(line)
 
-    def lines(self) -> Iterator[bytes]:
-        """The raw bytes of every line that is a whole record (newline included)."""
+    def lines(
+        self, *, events: Sequence[str] | None = None, run_id: str | None = None
+    ) -> Iterator[bytes]:
+        """The raw bytes of every line that is a whole record (newline included).
+
+        `events` and `run_id` are the store interface's hints; a file ignores them.
+        """
         try:
             handle = self.path.open("rb")
         except FileNotFoundError:
@@ -173,6 +192,7 @@ def _encode(
     correlation_id: str,
     data: Mapping[str, Any],
     prev: str,
+    run_seq: int | None = None,
 ) -> tuple[bytes, str]:
     """The line for one record (newline included) and its hash."""
     record: dict[str, Any] = {
@@ -185,12 +205,24 @@ def _encode(
         "data": data,
         "prev": prev,
     }
+    if run_seq is not None:
+        record["run_seq"] = run_seq
     try:
-        body = canonical(record)
+        return seal_record(record)
     except (TypeError, ValueError) as exc:
         raise LineageLogError(f"cannot record {event!r}: {exc}") from exc
+
+
+def seal_record(record: Mapping[str, Any]) -> tuple[bytes, str]:
+    """The line (newline included) and hash of `record`, a record without its `hash`."""
+    body = canonical(record)
     digest = hashlib.sha256(body).hexdigest()
-    return body[:-1] + _HASH_MEMBER + digest.encode() + b'"}\n', digest
+    return with_hash(body, digest), digest
+
+
+def with_hash(body: bytes, digest: str) -> bytes:
+    """The line for a record's canonical JSON `body` and its hash."""
+    return body[:-1] + _HASH_MEMBER + digest.encode() + b'"}\n'
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -235,7 +267,7 @@ def _read_tail(fd: int, path: Path) -> _Tail:
         # A whole line that is not a record (edited by hand?): treat it as a partial line.
         offset = base + cut + 1
         before = _read_tail_before(fd, path, offset)
-        return _Tail(before.seq, before.hash, last[:-1], offset)
+        return _Tail(before.seq, before.hash, last[:-1], offset, partial_ends_line=True)
     try:
         seq = int(msgspec.json.decode(last)["seq"])
     except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
@@ -275,27 +307,28 @@ class SealedLine:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    """What `verify` found: `ok`, and otherwise the first bad line and why."""
+    """What `verify` found: `ok`, and otherwise the first bad line (or store row) and why."""
 
-    path: Path
+    path: Path | str  # the file, or a store's name (never with a password)
     lines: int
     runs: int
     ok: bool
-    line: int | None = None  # 1-based number of the first bad line
+    line: int | None = None  # 1-based number of the first bad line; a store row's seq
     kind: str | None = None  # edited | deleted | reordered | truncated | malformed
     reason: str | None = None
     sealed: tuple[SealedLine, ...] = field(default_factory=tuple)
     last_hash: str = ZERO_HASH
+    unit: str = "line"  # how `line` is named: "line" in a file, "row seq" in a store
 
     def describe(self) -> str:
         """One line for people."""
         if self.ok:
             sealed = f"; {len(self.sealed)} sealed partial line(s)" if self.sealed else ""
             return (
-                f"{self.path}: intact, {self.lines} lines, {self.runs} runs, "
+                f"{self.path}: intact, {self.lines} {self.unit.split()[0]}s, {self.runs} runs, "
                 f"last hash {self.last_hash[:16]}{sealed}"
             )
-        return f"{self.path}: line {self.line}: {self.kind}: {self.reason}"
+        return f"{self.path}: {self.unit} {self.line}: {self.kind}: {self.reason}"
 
 
 class _Head(msgspec.Struct):
@@ -358,7 +391,9 @@ def verify(path: Path) -> VerifyResult:
             elif pending is not None:
                 return bad(pending[0], "malformed", "not a lineage record and not sealed")
             if head.prev != expected_prev:
-                if head.seq > expected_seq:
+                if head.seq > expected_seq and _comes_later(handle, decode, expected_seq):
+                    kind, why = "reordered", f"seq {expected_seq} comes later than seq {head.seq}"
+                elif head.seq > expected_seq:
                     kind, why = "deleted", f"seq jumps from {expected_seq - 1} to {head.seq}"
                 elif head.seq < expected_seq:
                     kind, why = "reordered", f"seq {head.seq} comes after {expected_seq - 1}"
@@ -374,3 +409,14 @@ def verify(path: Path) -> VerifyResult:
     return VerifyResult(
         path, lineno, len(runs), True, sealed=tuple(sealed), last_hash=expected_prev
     )
+
+
+def _comes_later(lines: Iterator[bytes], decode: Any, seq: int) -> bool:
+    """Whether a record with `seq` is among the remaining `lines` (a move, not a deletion)."""
+    needle = b'"seq":%d,' % seq
+    for line in lines:
+        if needle in line and line_hash(line) is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                if decode(line).seq == seq:
+                    return True
+    return False

@@ -11,13 +11,12 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from flext_meltano_context.errors import FlextContextError, UsageError
-from flext_meltano_context.lineage.log import LineageLog
+from flext_meltano_context.lineage.store import Source, open_log
 
 REPORT_VERSION = 1
 _RUN_STARTED = b'"event":"run_started"'
@@ -66,11 +65,11 @@ def _pipeline_name(data: Mapping[str, Any]) -> str:
     return f"{pipeline.get('tap', '?')}-to-{pipeline.get('target', '?')}"
 
 
-def list_runs(path: Path, *, pipeline: str | None = None) -> list[RunSummary]:
+def list_runs(path: Source, *, pipeline: str | None = None) -> list[RunSummary]:
     """Every run in the log, oldest first; only start and end lines are decoded."""
     started: dict[str, dict[str, Any]] = {}
     completed: dict[str, dict[str, Any]] = {}
-    for line in LineageLog(path).lines():
+    for line in open_log(path).lines(events=("run_started", "run_completed")):
         if _RUN_STARTED in line:
             record = _decode(line)
             started[record["run_id"]] = record
@@ -98,7 +97,7 @@ def list_runs(path: Path, *, pipeline: str | None = None) -> list[RunSummary]:
     return runs
 
 
-def resolve_run_id(path: Path, run_id: str | None) -> str:
+def resolve_run_id(path: Source, run_id: str | None) -> str:
     """`run_id` itself if the log has it, or the last run's id when `run_id` is None."""
     runs = list_runs(path)
     if not runs:
@@ -115,10 +114,10 @@ def resolve_run_id(path: Path, run_id: str | None) -> str:
     raise UsageError(f"{run_id!r} matches {len(matches)} runs; give more of the run id")
 
 
-def run_records(path: Path, run_id: str) -> list[dict[str, Any]]:
+def run_records(path: Source, run_id: str) -> list[dict[str, Any]]:
     """The records of one run, in log order."""
     needle = b'"run_id":' + json.dumps(run_id).encode()
-    return [_decode(line) for line in LineageLog(path).lines() if needle in line]
+    return [_decode(line) for line in open_log(path).lines(run_id=run_id) if needle in line]
 
 
 def _by_event(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
