@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
