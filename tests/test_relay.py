@@ -215,7 +215,7 @@ def test_strict_mode_stops_before_forwarding_the_bad_line(tmp_path: Path) -> Non
             relay(i.fileno(), o.fileno(), strict=True, chunk_size=chunk, close_sink=False)
         assert sink.read_bytes() == SCHEMA + good * 3
         assert "line 5" in str(caught.value)
-        stats = caught.value.stats  # type: ignore[attr-defined]
+        stats = caught.value.stats
         assert (stats.records(), stats.anomalies[0].kind) == (3, "invalid_json")
 
 
@@ -558,7 +558,8 @@ def test_a_counting_bug_stops_the_counting_but_never_the_forwarding(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(relay_module._Tally, "feed", broken)
+    monkeypatch.setattr(relay_module._PyScanner, "feed", broken)
+    monkeypatch.setattr(relay_module._CScanner, "feed", broken)
     data = SCHEMA + b'{"type":"RECORD","stream":"users","record":{"id":1}}\n' * 1000
     stats, out = relay_bytes(tmp_path, data, chunk_size=100, digest=True)
     assert out == data
