@@ -19,11 +19,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flext_meltano_context import scanner
 from flext_meltano_context.errors import StrictModeError
 from flext_meltano_context.relay import Injection, RelayProgress, RelayStats, relay
 from tests.conftest import fake
 
 SCHEMA = b'{"type":"SCHEMA","stream":"users","schema":{"properties":{"id":{"type":"integer"}}},"key_properties":["id"]}\n'  # noqa: E501
+
+
+@pytest.fixture(autouse=True, scope="module", params=["python", "c"], ids=["python", "compiled"])
+def scanner_impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs against both relay scanners (FLEXT_CONTEXT_SCANNER, children too)."""
+    if request.param == "c" and scanner.compiled()[0] is None:
+        pytest.skip(f"compiled scanner: {scanner.compiled()[1]}")
+    old = os.environ.get(scanner.ENV)
+    os.environ[scanner.ENV] = request.param
+    yield request.param
+    if old is None:
+        del os.environ[scanner.ENV]
+    else:
+        os.environ[scanner.ENV] = old
 
 
 def relay_bytes(tmp: Path, data: bytes, **options: Any) -> tuple[RelayStats, bytes]:
