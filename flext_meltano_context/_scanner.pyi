@@ -9,6 +9,7 @@ def canonical(raw: Buffer, /) -> bytes | None: ...
 
 class Scanner:
     key_bytes: int
+    key_count: int
     def register(self, name: bytes, keys: tuple[bytes, ...] | None, /) -> None: ...
     def scan(
         self, buf: Buffer, start: int, stop: int, now: float, /

@@ -590,7 +590,7 @@ class _CScanner:
                 done = [memoryview(b)[a:z] for b, a, z in regions[:n]]
                 halt.pieces = [*done, memoryview(buf)[start : halt.at]]
                 raise
-        if self.c.key_bytes > _DRAIN_BYTES:
+        if self.c.key_count > _DRAIN_KEYS or self.c.key_bytes > _DRAIN_BYTES:
             self.finish()
         pieces: list[Buf | memoryview] = []
         if self.forward or self.want_lines:
@@ -648,7 +648,9 @@ class _CScanner:
         return [(name.decode("utf-8"), *rest) for name, *rest in self.c.streams()]
 
 
-_DRAIN_BYTES = 8 << 20  # keys held in C before they move to the KeySet
+# Keys held in C before they move to the KeySet: a table this small stays in the CPU's caches.
+_DRAIN_KEYS = 1 << 14
+_DRAIN_BYTES = 8 << 20
 
 
 def _snapshot(

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -299,3 +300,32 @@ def test_an_unknown_scanner_choice_is_a_clear_usage_error(tmp_path: Path) -> Non
         )
     assert done.returncode == 2
     assert b"FLEXT_CONTEXT_SCANNER='fast' is not one of auto, c, python" in done.stderr
+
+
+@needs_compiled
+def test_an_extension_built_from_an_older_source_is_refused(tmp_path: Path) -> None:
+    package = Path(scanner.__file__).parent
+    copy = tmp_path / "flext_meltano_context"
+    copy.mkdir()
+    for item in package.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    (copy / "lineage").symlink_to(package / "lineage")
+    probe = "from flext_meltano_context import scanner; print(scanner.describe())"
+    # -S: no .pth files, so the editable install's finder cannot point back at the checkout
+    path = os.pathsep.join([str(tmp_path), sysconfig.get_paths()["purelib"]])
+    env = {**os.environ, "PYTHONPATH": path, scanner.ENV: "auto"}
+
+    def describe() -> str:
+        return subprocess.run(
+            [sys.executable, "-S", "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=tmp_path,  # not the checkout: "-c" puts the working directory first
+        ).stdout
+
+    assert describe().strip() == "scanner: compiled"  # the control: an unchanged source
+    (copy / "_scanner.c").write_text((copy / "_scanner.c").read_text() + "\n/* edited */\n")
+    assert "extension is stale (built from an older _scanner.c)" in describe()
