@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -329,3 +331,37 @@ def test_an_extension_built_from_an_older_source_is_refused(tmp_path: Path) -> N
     assert describe().strip() == "scanner: compiled"  # the control: an unchanged source
     (copy / "_scanner.c").write_text((copy / "_scanner.c").read_text() + "\n/* edited */\n")
     assert "extension is stale (built from an older _scanner.c)" in describe()
+
+
+@needs_compiled
+def test_the_scan_releases_the_gil_so_other_threads_run_beside_it() -> None:
+    assert COMPILED is not None
+    line = b'{"type":"RECORD","stream":"users","record":{"id":1,"pad":"' + b"p" * 300 + b'"}}\n'
+    data = line * 300_000  # ~100 MB: a scan of a tenth of a second or more
+    scan = COMPILED.Scanner()
+    scan.register(b"users", (b"id",))
+    ticks = 0
+    running = True
+
+    def spin() -> None:
+        nonlocal ticks
+        while running:
+            ticks += 1
+
+    # A long switch interval: a thread waiting for a GIL that is held gets nothing for 1 s, so
+    # without the release `during` is exactly 0 (the control); with it, the spinner runs.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        before = ticks
+        lines, size, at, _ = scan.scan(data, 0, len(data), 0.0)  # one C call
+        during = ticks - before
+    finally:
+        running = False
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert (lines, size, at) == (300_000, len(data), -1)
+    assert during > 0  # with the GIL held for the whole call, the other thread could not tick
