@@ -656,7 +656,8 @@ _DRAIN_BYTES = 8 << 20
 def _snapshot(
     counts: _Counts, extra: list[tuple[str, int, int, float | None, float | None]], elapsed: float
 ) -> RelayProgress:
-    records = {name: c["RECORD"] for name, c in counts.streams.items()}
+    # list(): one C call, safe while the scan thread adds a stream (the GIL is held for it)
+    records = {name: c["RECORD"] for name, c in list(counts.streams.items())}
     for name, n, *_ in extra:
         records[name] = records.get(name, 0) + n
     return RelayProgress(records=records, bytes=counts.nbytes, lines=counts.lines, elapsed=elapsed)
@@ -694,33 +695,69 @@ class _Pump:
         progress: Callable[[RelayProgress], None] | None,
         progress_interval: float,
     ) -> None:
-        """Read, forward, count, until end of input (or strict mode stops the stream)."""
+        """Read, forward, count, until end of input (or strict mode stops the stream).
+
+        Passing through with the compiled scanner, a chunk is counted on a second thread while
+        the next one is read and forwarded (the scan releases the GIL); at most one chunk waits,
+        so memory stays flat.
+        """
         began = time.monotonic()
         next_progress = began + progress_interval
-        while True:
-            data = os.read(self.source, self.chunk_size)
-            now = time.time()
-            if self.first_byte_at is None and data:
-                self.first_byte_at = now
-            if self.passthrough and data:
-                self.send(data)
-            if self.counting_error is None:
-                fed = self._count(data, now)
-                if self.stopped:
-                    return
-                if fed is not None:
-                    if on_lines is not None and fed.lines is not None:
-                        on_lines(fed.lines)
-                    if not self.passthrough:
-                        for piece in fed.pieces:
-                            self.send(piece)
-            if progress is not None:
+        behind = None
+        if self.passthrough and on_lines is None and isinstance(self.scan, _CScanner):
+            behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flext-scan")
+        pending: Future[_Fed | None] | None = None
+        try:
+            while True:
+                data = os.read(self.source, self.chunk_size)
+                now = time.time()
+                if self.first_byte_at is None and data:
+                    self.first_byte_at = now
+                if self.passthrough and data:
+                    self.send(data)
+                if behind is not None:
+                    self._wait(pending)
+                    pending = (
+                        behind.submit(self.scan.feed, data, now)
+                        if self.counting_error is None
+                        else None
+                    )
+                elif self.counting_error is None:
+                    self._forward(self._count(data, now), on_lines)
+                    if self.stopped:
+                        return
                 clock = time.monotonic()
-                if clock >= next_progress:
+                if progress is not None and clock >= next_progress:
                     next_progress = clock + progress_interval
                     progress(_snapshot(self.scan.counts, self.scan.extra(), clock - began))
-            if not data:
-                return
+                if not data:
+                    return
+        finally:
+            if behind is not None:
+                self._wait(pending)  # also when the sink closed: the counts stay whole
+                behind.shutdown()
+
+    def _wait(self, pending: Future[_Fed | None] | None) -> None:
+        """The previous chunk's count, done on the second thread."""
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as exc:  # noqa: BLE001 - a counting bug never costs a record: reported
+            self._counting_failed(exc)
+
+    def _forward(self, fed: _Fed | None, on_lines: Callable[[list[Buf]], None] | None) -> None:
+        if fed is None:
+            return
+        if on_lines is not None and fed.lines is not None:
+            on_lines(fed.lines)
+        if not self.passthrough:
+            for piece in fed.pieces:
+                self.send(piece)
+
+    def _counting_failed(self, exc: Exception) -> None:
+        self.counting_error = f"{type(exc).__name__}: {exc}"
+        structlog.get_logger().error("relay_counting_failed", error=self.counting_error)
 
     def _count(self, data: bytes, now: float) -> _Fed | None:
         try:
@@ -733,8 +770,7 @@ class _Pump:
         except Exception as exc:  # a counting bug must never cost a record
             if not self.passthrough:
                 raise  # nothing was forwarded for these lines: the caller must know
-            self.counting_error = f"{type(exc).__name__}: {exc}"
-            structlog.get_logger().error("relay_counting_failed", error=self.counting_error)
+            self._counting_failed(exc)
             return None
 
 
