@@ -393,7 +393,7 @@ def _run(
                 injection=injection,
                 progress=progress,
                 close_sink=False,
-                on_lines=keys.feed if keys is not None else None,
+                keys=keys.keys if keys is not None else None,  # compiled scanner when built
             )
         except StrictModeError as exc:
             stats = getattr(exc, "stats", None)
