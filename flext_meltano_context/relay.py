@@ -1,9 +1,13 @@
 """The relay: copy a Singer stream from one file descriptor to another, counting on the way.
 
 It is the only hot path of the product. Bytes are forwarded first, in large chunks, and counted
-afterwards (a counting bug must never cost a record); each chunk's whole lines are decoded in one
-batch for `type` and `stream` only. Without an injection the sink receives exactly the bytes of
-the source. Bad lines are forwarded and reported, never filtered (issue 3).
+afterwards (a counting bug must never cost a record). Without an injection the sink receives
+exactly the bytes of the source. Bad lines are forwarded and reported, never filtered (issue 3).
+
+Counting is done by a scanner, fed chunk by chunk: the compiled one (`_scanner.c`, issue 14)
+when it is built and no injection rewrites lines, else the pure-Python one (msgspec batch
+decodes). Both send every line they cannot count in bulk through one exact path (`_Counts.line`),
+so their results are the same; `_Injector` holds what an injection changes.
 """
 
 from __future__ import annotations

@@ -580,3 +580,11 @@ def test_a_counting_bug_stops_the_counting_but_never_the_forwarding(
     assert out == data
     assert stats.counting_error == "KeyError: 'a bug'"
     assert stats.digest == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20], ids=["tiny-chunks", "big-chunks"])
+def test_on_lines_sees_every_whole_line_once_in_order(tmp_path: Path, chunk: int) -> None:
+    data = SCHEMA + b'{"type":"RECORD","stream":"users","record":{"id":1}}\n' * 50 + b"tail"
+    seen: list[bytes] = []
+    relay_bytes(tmp_path, data, chunk_size=chunk, on_lines=lambda ls: seen.extend(map(bytes, ls)))
+    assert seen == data.split(b"\n")
