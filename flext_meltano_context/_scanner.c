@@ -131,11 +131,10 @@ static int keyset_grow(keyset_t *ks) {
     return 0;
 }
 
-static int keyset_add(keyset_t *ks, const uint8_t *p, size_t n) {
+static int keyset_add(keyset_t *ks, const uint8_t *p, size_t n, uint64_t h) {
     if ((ks->used + 1) * 2 > ks->cap && keyset_grow(ks)) {
         return -1;
     }
-    uint64_t h = hash_bytes(p, n);
     size_t mask = ks->cap - 1, i = h & mask;
     while (ks->slots[i].hash) {
         slot_t *s = &ks->slots[i];
@@ -170,8 +169,21 @@ typedef struct {
     keyset_t set;
 } stream_t;
 
+/* Keys wait in a short queue so their table slots can be prefetched: the input streaming through
+ * the caches evicts the table, and one miss per key was most of the key collection's cost. */
+#define PENDING 16
+
+typedef struct {
+    stream_t *st;
+    uint64_t hash;
+    size_t off, len;
+} pending_t;
+
 typedef struct {
     PyObject_HEAD
+    pending_t pending[PENDING];
+    int npending;
+    buf_t pending_keys;
     stream_t **streams;
     size_t nstreams, cap;
     int32_t *index; /* open addressing over stream names; -1 empty */
@@ -913,6 +925,40 @@ static int scan_line(Scanner *sc, const uint8_t *s, size_t start, size_t stop, s
 
 /* ---- the Python type ----------------------------------------------------------------------- */
 
+static int flush_pending(Scanner *sc) {
+    int failed = 0;
+    for (int i = 0; i < sc->npending; i++) {
+        pending_t *p = &sc->pending[i];
+        keyset_t *set = &p->st->set;
+        size_t before = set->used;
+        if (!failed && keyset_add(set, sc->pending_keys.p + p->off, p->len, p->hash)) {
+            failed = 1;
+        }
+        sc->key_count += set->used - before;
+        sc->key_bytes += (set->used - before) * (p->len + sizeof(slot_t));
+    }
+    sc->npending = 0;
+    sc->pending_keys.len = 0;
+    return failed ? -1 : 0;
+}
+
+static int queue_key(Scanner *sc, stream_t *st) {
+    uint64_t h = hash_bytes(sc->key.p, sc->key.len);
+    if (st->set.cap) {
+        __builtin_prefetch(&st->set.slots[h & (st->set.cap - 1)]);
+    }
+    pending_t *p = &sc->pending[sc->npending++];
+    p->st = st;
+    p->hash = h;
+    p->off = sc->pending_keys.len;
+    p->len = sc->key.len;
+    if (buf_put(&sc->pending_keys, sc->key.p, sc->key.len)) {
+        sc->npending--;
+        return -1;
+    }
+    return sc->npending == PENDING ? flush_pending(sc) : 0;
+}
+
 static void stream_free(stream_t *st) {
     for (int k = 0; k < (st->nkeys > 0 ? st->nkeys : 0); k++) {
         free(st->keys[k]);
@@ -929,6 +975,7 @@ static void Scanner_dealloc(Scanner *sc) {
     free(sc->streams);
     free(sc->index);
     free(sc->key.p);
+    free(sc->pending_keys.p);
     Py_TYPE(sc)->tp_free((PyObject *)sc);
 }
 
@@ -1053,13 +1100,8 @@ static PyObject *Scanner_scan(Scanner *sc, PyObject *args) {
         size_t line_end = 0;
         stream_t *st = NULL;
         result = scan_line(sc, s, pos, end, &line_end, &st);
-        if (result == SC_OK && line_end < end && st->nkeys > 0) {
-            size_t before = st->set.used;
-            if (keyset_add(&st->set, sc->key.p, sc->key.len)) {
-                result = SC_NOMEM;
-            }
-            sc->key_count += st->set.used - before;
-            sc->key_bytes += (st->set.used - before) * (sc->key.len + sizeof(slot_t));
+        if (result == SC_OK && line_end < end && st->nkeys > 0 && queue_key(sc, st)) {
+            result = SC_NOMEM;
         }
         if (result != SC_OK || line_end >= end) {
             if (result == SC_NOMEM) {
@@ -1083,6 +1125,9 @@ static PyObject *Scanner_scan(Scanner *sc, PyObject *args) {
         lines++;
         nbytes += (long long)size;
         pos = line_end + 1;
+    }
+    if (flush_pending(sc)) {
+        result = SC_NOMEM;
     }
     Py_END_ALLOW_THREADS
     sc->busy = 0;
