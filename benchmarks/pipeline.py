@@ -5,7 +5,13 @@ throw-away Meltano project) at 10 and 1,000,000 records, best of a few runs each
 runners alternating. Goals (issue 4): at 1M records flext-context is no slower than `meltano
 run`; at 10 records its fixed overhead is at most `meltano run`'s + 1.5 s.
 
-    .venv/bin/python benchmarks/pipeline.py [--repeat N] [--records 10,1000000]
+    .venv/bin/python benchmarks/pipeline.py [--repeat N] [--records 10,1000000] [--keyed]
+
+`--keyed` (issue 14): the keyed stream (`key_properties: ["id"]`) goes to target-jsonl 0.1.4 from
+PyPI instead of the null target, a destination the landing check knows, so flext-context collects
+the distinct keys it relays (compiled scanner) and probes them after the load; meltano run loads
+the same. Each size's JSON then says the landing level the run reached (`by key` when the keys
+were collected and checked).
 
 The last line printed is one JSON object with both wall times and their ratio per size.
 """
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
@@ -40,6 +47,12 @@ plugins:
     - name: bench-target
       namespace: bench_target
       executable: {fakes}/bench_target.py
+    - name: target-jsonl
+      namespace: target_jsonl
+      pip_url: target-jsonl==0.1.4
+      config:
+        destination_path: output
+        do_timestamp_file: false
   utilities:
     - name: flext-context
       namespace: flext_context
@@ -66,6 +79,16 @@ def timed(project: Path, argv: list[str], records: int) -> float:
     return elapsed
 
 
+def landing_levels(project: Path) -> list[str]:
+    """The landing check's level per stream in the last run (`by key`, `by count`, ...)."""
+    log = project / ".meltano" / "flext-context" / "lineage.jsonl"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    landing = [e["data"] for e in events if e.get("event") == "landing"]
+    if not landing:
+        return []
+    return sorted({str(s.get("level", s.get("status"))) for s in landing[-1]["streams"]})
+
+
 def records_of_last_run(project: Path) -> int:
     """Records flext-context says its last run relayed, from the lineage log."""
     log = project / ".meltano" / "flext-context" / "lineage.jsonl"
@@ -82,7 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per runner and size (best)")
     parser.add_argument("--records", default="10,1000000", help="comma-separated sizes")
+    parser.add_argument("--keyed", action="store_true", help="load into target-jsonl, keys on")
     args = parser.parse_args()
+    loader = "target-jsonl" if args.keyed else "bench-target"
+    runners = {
+        name: [loader if a == "bench-target" else a for a in argv] for name, argv in RUNNERS.items()
+    }
     sizes = [int(size) for size in args.records.split(",")]
     with tempfile.TemporaryDirectory(prefix="flext-bench-") as tmp:
         project = Path(tmp)
@@ -92,13 +120,13 @@ def main() -> None:
             [str(MELTANO), "install"], cwd=project, check=True, capture_output=True, text=True
         )
         print(f"meltano install: {time.perf_counter() - started:.1f} s", flush=True)
-        results: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, Any]] = {}
         for records in sizes:
-            best = {name: float("inf") for name in RUNNERS}
+            best = {name: float("inf") for name in runners}
             for attempt in range(args.repeat):
-                order = list(RUNNERS) if attempt % 2 == 0 else list(reversed(RUNNERS))
+                order = list(runners) if attempt % 2 == 0 else list(reversed(runners))
                 for name in order:
-                    best[name] = min(best[name], timed(project, RUNNERS[name], records))
+                    best[name] = min(best[name], timed(project, runners[name], records))
             relayed = records_of_last_run(project)
             if relayed != records:
                 raise SystemExit(f"flext-context relayed {relayed} records, expected {records}")
@@ -109,8 +137,11 @@ def main() -> None:
                 "ratio": round(ratio, 3),
                 "overhead_s": round(best["flext_context_run"] - best["meltano_run"], 3),
             }
+            if args.keyed:
+                results[str(records)]["landing_levels"] = landing_levels(project)
             print(f"{records:>9} records: {json.dumps(results[str(records)])}", flush=True)
-    print(json.dumps({"benchmark": "pipeline", "repeat": args.repeat, "records": results}))
+    summary = {"benchmark": "pipeline", "repeat": args.repeat, "keyed": args.keyed}
+    print(json.dumps({**summary, "records": results}))
 
 
 if __name__ == "__main__":

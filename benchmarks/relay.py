@@ -4,10 +4,13 @@
 
 Every variant runs as a real pipeline of processes, `cat FILE | <relay> | cat > /dev/null`:
 the raw pipe (`cat`), Meltano's loop (asyncio `readline` + `write` + `drain` per line, no
-parsing), and `flext-context relay` without and with `--digest` and with `--record-column`.
-Throughput excludes each variant's start-up (the same pipeline over empty input), so the numbers
-compare relaying, not interpreter start; the JSON also carries the start-up times. The relay's CPU
-time and peak RSS come from `wait4` on its process. The last line is one JSON object.
+parsing), and `flext-context relay` without and with `--digest` and with `--record-column`, and
+`relay()` with and without key collection into a KeySet (every stream is keyed) for
+`key_cpu_us_per_msg`. The relay variants run once per scanner implementation
+(FLEXT_CONTEXT_SCANNER=c, then python; issue 14). Throughput excludes each variant's start-up
+(the same pipeline over empty input), so the numbers compare relaying, not interpreter start;
+the JSON also carries the start-up times. The relay's CPU time and peak RSS come from `wait4` on
+its process. The last lines are one JSON object per implementation (`impl`).
 """
 
 from __future__ import annotations
@@ -107,12 +110,25 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def pipeline(source: Path, middle: list[str], sink: str = os.devnull) -> dict[str, float]:
+KEYS_DRIVER = """
+import sys
+from flext_meltano_context.keys import KeySet
+from flext_meltano_context.relay import relay
+keys = KeySet() if sys.argv[1] == "keys" else None
+relay(0, 1, keys=keys)
+"""
+
+
+def pipeline(
+    source: Path, middle: list[str], sink: str = os.devnull, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """Run `cat source | middle | cat > sink`; wall seconds, CPU seconds and peak RSS of middle."""
     began = time.perf_counter()
     with Path(sink).open("wb") as out:
         head = subprocess.Popen([CAT, str(source)], stdout=subprocess.PIPE)
-        mid = subprocess.Popen(middle, stdin=head.stdout, stdout=subprocess.PIPE)
+        mid = subprocess.Popen(
+            middle, stdin=head.stdout, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}
+        )
         tail = subprocess.Popen([CAT], stdin=mid.stdout, stdout=out)
         assert head.stdout is not None
         assert mid.stdout is not None
@@ -132,66 +148,79 @@ def pipeline(source: Path, middle: list[str], sink: str = os.devnull) -> dict[st
     }
 
 
-def best(source: Path, empty: Path, middle: list[str], runs: int) -> dict[str, float]:
+def best(
+    source: Path, empty: Path, middle: list[str], runs: int, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """Fastest of `runs`, minus the fastest start-up over empty input."""
-    startup = min(pipeline(empty, middle)["wall"] for _ in range(3))
-    results = [pipeline(source, middle) for _ in range(runs)]
+    empties = [pipeline(empty, middle, env=env) for _ in range(3)]
+    startup = min(e["wall"] for e in empties)
+    results = [pipeline(source, middle, env=env) for _ in range(runs)]
     fastest = min(results, key=lambda r: r["wall"])
     return {
         **fastest,
         "startup": startup,
+        "startup_cpu": min(e["cpu"] for e in empties),
         "seconds": max(fastest["wall"] - startup, 1e-9),
         "rss_mb": max(r["rss_mb"] for r in results),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--runs", type=int, default=3, help="runs per variant; the best counts")
-    args = parser.parse_args()
+def implementations() -> list[str]:
+    """The scanners to measure: the compiled one when it is built, and pure Python."""
+    from flext_meltano_context import scanner
+
+    return (["c"] if scanner.compiled()[0] is not None else []) + ["python"]
+
+
+def measure_impl(
+    impl: str, work: Path, source: Path, empty: Path, expected: Counter[str], runs: int, mb: float
+) -> dict[str, Any]:
+    """Correctness, then every relay variant with FLEXT_CONTEXT_SCANNER=impl."""
+    env = {"FLEXT_CONTEXT_SCANNER": impl}
+    stats_file, copy = work / "stats.json", work / "copy.jsonl"
     relay = [sys.executable, "-m", "flext_meltano_context", "--log-level", "WARNING", "relay"]
-    with tempfile.TemporaryDirectory(prefix="flext-relay-bench-") as tmp:
-        work = Path(tmp)
-        source, empty, stats_file = work / "stream.jsonl", work / "empty", work / "stats.json"
-        empty.write_bytes(b"")
-        expected = generate(source, args.messages)
-        size = source.stat().st_size
-        mb = size / 1e6
-        print(f"{args.messages:,} messages, {mb:,.0f} MB, counts {dict(expected)}", file=sys.stderr)
+    pipeline(source, [*relay, "--stats", str(stats_file), "--digest"], sink=str(copy), env=env)
+    stats = json.loads(stats_file.read_text())
+    want, got = file_sha256(source), file_sha256(copy)
+    copy.unlink()
+    variants = {
+        "relay": [*relay, "--stats", str(stats_file)],
+        "digest": [*relay, "--stats", str(stats_file), "--digest"],
+        "column": [*relay, "--stats", str(stats_file), "--record-column", "*"],
+        "nokeys": [sys.executable, "-c", KEYS_DRIVER, "none"],
+        "keys": [sys.executable, "-c", KEYS_DRIVER, "keys"],
+    }
+    measured: dict[str, dict[str, float]] = {}
+    for name, command in variants.items():
+        measured[name] = m = best(source, empty, command, runs, env)
+        print(
+            f"{impl:>6} {name:>7}: {mb / m['seconds']:8,.0f} MB/s  wall {m['wall']:.2f} s"
+            f" (start-up {m['startup']:.2f} s)  cpu {m['cpu']:.2f} s"
+            f"  peak RSS {m['rss_mb']:.0f} MB",
+            file=sys.stderr,
+        )
+    return {
+        "measured": measured,
+        "bytes_identical": want == got == stats["digest"],
+        "counts_exact": stats["counts"] == dict(expected) and stats["anomaly_count"] == 0,
+    }
 
-        # Correctness first (not timed): the bytes and the counts.
-        copy = work / "copy.jsonl"
-        pipeline(source, [*relay, "--stats", str(stats_file), "--digest"], sink=str(copy))
-        stats = json.loads(stats_file.read_text())
-        want, got = file_sha256(source), file_sha256(copy)
-        copy.unlink()
-        bytes_identical = want == got == stats["digest"]
-        counts_exact = stats["counts"] == dict(expected) and stats["anomaly_count"] == 0
 
-        variants = {
-            "raw": [CAT],
-            "asyncio": [sys.executable, "-c", ASYNCIO_RELAY],
-            "relay": [*relay, "--stats", str(stats_file)],
-            "digest": [*relay, "--stats", str(stats_file), "--digest"],
-            "column": [*relay, "--stats", str(stats_file), "--record-column", "*"],
-        }
-        measured: dict[str, dict[str, float]] = {}
-        for name, command in variants.items():
-            measured[name] = best(source, empty, command, args.runs)
-            m = measured[name]
-            print(
-                f"{name:>8}: {mb / m['seconds']:8,.0f} MB/s  wall {m['wall']:.2f} s"
-                f" (start-up {m['startup']:.2f} s)  cpu {m['cpu']:.2f} s"
-                f"  peak RSS {m['rss_mb']:.0f} MB",
-                file=sys.stderr,
-            )
+def summary(
+    impl: str, run: dict[str, Any], base: dict[str, dict[str, float]], messages: int, mb: float
+) -> dict[str, Any]:
+    """The JSON line of one implementation: the keys this benchmark has always printed, and more."""
+    measured = {**base, **run["measured"]}
 
     def rate(name: str) -> float:
         return mb / measured[name]["seconds"]
 
-    result: dict[str, Any] = {
-        "messages": args.messages,
+    def cpu_us(name: str) -> float:
+        return measured[name]["cpu"] * 1e6 / messages
+
+    return {
+        "impl": impl,
+        "messages": messages,
         "mb": round(mb, 1),
         "relay_mb_s": round(rate("relay")),
         "raw_pipe_mb_s": round(rate("raw")),
@@ -203,16 +232,46 @@ def main() -> None:
         "digest_ratio_vs_raw": round(rate("digest") / rate("raw"), 3),
         "record_column_ratio_vs_raw": round(rate("column") / rate("raw"), 3),
         "ratio_vs_raw_with_startup": round(measured["raw"]["wall"] / measured["relay"]["wall"], 3),
-        "cpu_us_per_msg": round(measured["relay"]["cpu"] * 1e6 / args.messages, 3),
-        "digest_cpu_us_per_msg": round(measured["digest"]["cpu"] * 1e6 / args.messages, 3),
-        "asyncio_cpu_us_per_msg": round(measured["asyncio"]["cpu"] * 1e6 / args.messages, 3),
+        "cpu_us_per_msg": round(cpu_us("relay"), 3),
+        "digest_cpu_us_per_msg": round(cpu_us("digest"), 3),
+        "asyncio_cpu_us_per_msg": round(cpu_us("asyncio"), 3),
+        "key_cpu_us_per_msg": round(cpu_us("keys") - cpu_us("nokeys"), 3),
+        # cpu_us_per_msg includes the interpreter's start (imports); this one leaves it out
+        "net_cpu_us_per_msg": round(
+            (measured["relay"]["cpu"] - measured["relay"]["startup_cpu"]) * 1e6 / messages, 3
+        ),
+        "keys_mb_s": round(rate("keys")),
         "peak_rss_mb": round(max(measured[n]["rss_mb"] for n in ("relay", "digest", "column")), 1),
+        "keys_peak_rss_mb": round(measured["keys"]["rss_mb"], 1),  # the KeySet holds every key
         "relay_startup_s": round(measured["relay"]["startup"], 3),
         "startup_excluded": True,
-        "counts_exact": counts_exact,
-        "bytes_identical": bytes_identical,
+        "counts_exact": run["counts_exact"],
+        "bytes_identical": run["bytes_identical"],
     }
-    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=3, help="runs per variant; the best counts")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flext-relay-bench-") as tmp:
+        work = Path(tmp)
+        source, empty = work / "stream.jsonl", work / "empty"
+        empty.write_bytes(b"")
+        expected = generate(source, args.messages)
+        mb = source.stat().st_size / 1e6
+        print(f"{args.messages:,} messages, {mb:,.0f} MB, counts {dict(expected)}", file=sys.stderr)
+        base = {
+            "raw": best(source, empty, [CAT], args.runs),
+            "asyncio": best(source, empty, [sys.executable, "-c", ASYNCIO_RELAY], args.runs),
+        }
+        runs = {
+            impl: measure_impl(impl, work, source, empty, expected, args.runs, mb)
+            for impl in implementations()
+        }
+    for impl, run in runs.items():
+        print(json.dumps(summary(impl, run, base, args.messages, mb)))
 
 
 if __name__ == "__main__":

@@ -38,8 +38,25 @@ def _exits(func: F) -> F:
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """`--version`: the version, then which relay scanner is active (issue 14)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from flext_meltano_context import scanner
+
+    click.echo(f"flext-context, version {__version__}\n{scanner.describe()}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="flext-context")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the relay scanner in use, then exit.",
+)
 @click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
@@ -589,7 +606,7 @@ def relay_command(
         try:
             stats = relay(0, 1, digest=digest, strict=strict, injection=injection)
         except StrictModeError as exc:
-            write_stats(exc.stats)  # type: ignore[attr-defined]  # relay() attaches the stats
+            write_stats(exc.stats)
             raise
         finally:
             # fd 1 is closed so the target sees end of input now; keep Python's stdout valid.

@@ -12,6 +12,10 @@ FlextContextError            anything we raise knowingly (exit 1)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flext_meltano_context.relay import RelayStats
 
 
 class FlextContextError(Exception):
@@ -43,6 +47,10 @@ class RelayError(FlextContextError):
 
 class StrictModeError(RelayError):
     """`--strict` met an anomaly; the offending line was not forwarded."""
+
+    def __init__(self, message: str, stats: RelayStats) -> None:
+        super().__init__(message)
+        self.stats = stats  # what the relay counted and forwarded before it stopped
 
 
 class LockedError(FlextContextError):

@@ -301,6 +301,14 @@ class _Schema(msgspec.Struct, gc=False):
     key_properties: list[str] | None = None
 
 
+class _AnyRecord(msgspec.Struct, gc=False):
+    record: dict[str, msgspec.Raw]
+
+
+_ANY_RECORD: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_AnyRecord)
+_MISSING = msgspec.Raw(b"")
+
+
 class KeyCollector:
     """The pure-Python collector: fed whole lines, keeps canonical keys of keyed streams."""
 
@@ -309,6 +317,7 @@ class KeyCollector:
         self._head = msgspec.json.Decoder(_Head)
         self._schema = msgspec.json.Decoder(_Schema)
         self._decoders: dict[str, tuple[tuple[str, ...], msgspec.json.Decoder[Any]]] = {}
+        self._key_names: dict[str, tuple[str, ...]] = {}
         self.keyed: dict[str, bool] = {}
 
     def feed(self, lines: Sequence[Buf]) -> None:
@@ -321,7 +330,10 @@ class KeyCollector:
                 if msg.type == "RECORD" and msg.stream in decoders:
                     names, decoder = decoders[msg.stream]
                     record = decoder.decode(line).record
-                    raws = [_raw(getattr(record, name)) for name in names]
+                    if decoder is _ANY_RECORD:
+                        raws = [_raw(record.get(name, _MISSING)) for name in names]
+                    else:
+                        raws = [_raw(getattr(record, name)) for name in names]
                     found.setdefault(msg.stream, []).append(canonical(raws))
                 elif msg.type == "SCHEMA" and msg.stream is not None:
                     self._on_schema(msg.stream, line)
@@ -335,14 +347,24 @@ class KeyCollector:
         self.keyed[stream] = bool(keys)
         if not keys:
             self._decoders.pop(stream, None)
+            self._key_names.pop(stream, None)
             return
-        fields = [(f"k{i}", msgspec.Raw, msgspec.Raw(b"")) for i in range(len(keys))]
-        record_type = msgspec.defstruct(
-            "KeyValues", fields, rename=dict(zip([f[0] for f in fields], keys, strict=True))
-        )
-        wrapper = msgspec.defstruct("KeyedRecord", [("record", record_type)])
-        names = tuple(f[0] for f in fields)
-        self._decoders[stream] = (names, msgspec.json.Decoder(wrapper))
+        unique = list(dict.fromkeys(keys))  # ["id", "id"] is legal JSON: one field, twice
+        try:
+            fields = [(f"k{i}", msgspec.Raw, msgspec.Raw(b"")) for i in range(len(unique))]
+            record_type = msgspec.defstruct(
+                "KeyValues", fields, rename=dict(zip([f[0] for f in fields], unique, strict=True))
+            )
+            wrapper = msgspec.defstruct("KeyedRecord", [("record", record_type)])
+            names = tuple(f"k{unique.index(key)}" for key in keys)
+            self._decoders[stream] = (names, msgspec.json.Decoder(wrapper))
+        except ValueError:  # a name msgspec cannot rename to (a backslash, a quote): a dict
+            self._decoders[stream] = (keys, _ANY_RECORD)
+        self._key_names[stream] = keys
+
+    def key_names(self, stream: str) -> tuple[str, ...] | None:
+        """The key properties whose values are collected for `stream` now; None if unkeyed."""
+        return self._key_names.get(stream)
 
     def distinct(self) -> dict[str, int]:
         """Distinct key values per keyed stream."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,40 +165,45 @@ class _Kind(msgspec.Struct):
 _KIND = msgspec.json.Decoder(_Kind)
 
 
-class RecentLines:
-    """The last lines the relay forwarded, to count the records among bytes a target never read.
+class RecentBytes:
+    """The last bytes the relay forwarded, to count the records among bytes a target never read.
 
-    Fed by the relay's `on_lines` hook (one region of whole lines per chunk); it keeps whole
-    regions as long as the newest ones hold fewer than `keep` bytes: more than a pipe holds.
+    Fed with every piece the target's pipe accepted (the relay's `on_sent` hook: raw chunks, so
+    the compiled scanner keeps its fast path); it keeps whole pieces while the newest ones hold
+    fewer than `keep` bytes: more than a pipe holds.
     """
 
     def __init__(self, keep: int = 4 << 20) -> None:
         self.keep = keep
-        self._regions: collections.deque[tuple[Sequence[bytes | bytearray], int]] = (
-            collections.deque()
-        )
+        self._pieces: collections.deque[bytes] = collections.deque()
         self._size = 0
+        self._line_start = True  # the kept bytes begin a line (nothing dropped, or a newline was)
 
-    def feed(self, lines: Sequence[bytes | bytearray]) -> None:
-        size = sum(map(len, lines)) + len(lines)
-        self._regions.append((lines, size))
-        self._size += size
-        while self._regions and self._size - self._regions[0][1] >= self.keep:
-            self._size -= self._regions.popleft()[1]
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        piece = data if isinstance(data, bytes) else bytes(data)
+        self._pieces.append(piece)
+        self._size += len(piece)
+        while self._pieces and self._size - len(self._pieces[0]) >= self.keep:
+            dropped = self._pieces.popleft()
+            self._size -= len(dropped)
+            self._line_start = dropped.endswith(b"\n")
 
     def records_in_last(self, nbytes: int) -> int | None:
         """RECORD lines among the last `nbytes` forwarded (a line cut in two counts); None if
         fewer bytes were kept."""
         if nbytes <= 0:
             return 0
-        covered = records = 0
-        for region, _size in reversed(self._regions):
-            for line in reversed(region):
-                covered += len(line) + 1
-                records += _is_record(line)
-                if covered >= nbytes:
-                    return records
-        return None
+        if nbytes > self._size:
+            return None
+        kept = b"".join(self._pieces)
+        start = len(kept) - nbytes
+        newline = kept.rfind(b"\n", 0, start)
+        if newline < 0 and not self._line_start:
+            return None  # the first unread line began before the bytes kept
+        lines = kept[newline + 1 :].split(b"\n")
+        if not lines[-1]:
+            lines.pop()  # the stream's last newline ends the last line
+        return sum(map(_is_record, lines))
 
 
 def _is_record(line: bytes | bytearray) -> bool:

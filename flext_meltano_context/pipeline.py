@@ -37,7 +37,7 @@ from flext_meltano_context.errors import (
 from flext_meltano_context.keys import KeyCollector
 from flext_meltano_context.lineage.ci import ci_context
 from flext_meltano_context.lineage.recorder import Recorder
-from flext_meltano_context.outcome import Delivery, Outcome, RecentLines, Verdict, judge
+from flext_meltano_context.outcome import Delivery, Outcome, RecentBytes, Verdict, judge
 from flext_meltano_context.relay import Injection, RelayProgress, RelayStats, relay
 from flext_meltano_context.spec import (
     CrossCheck,
@@ -292,7 +292,7 @@ def _extract_load(
     )
     try:
         target, tap = _start(run, stopper, persister)
-        recent = RecentLines()
+        recent = RecentBytes()
         stats, relay_error = _relay(run, stopper, tap, target, keys, recent, progress)
         if relay_error is not None or (stats is not None and stats.sink_closed_early):
             stopper.stop_tap()
@@ -385,7 +385,7 @@ def _relay(
     tap: Tap,
     target: Target,
     keys: KeyCollector | None,
-    recent: RecentLines,
+    recent: RecentBytes,
     progress: Callable[[RelayProgress], None] | None,
 ) -> tuple[RelayStats | None, StrictModeError | None]:
     """Relay on a thread of its own while this one keeps the clock (deadline, timeout)."""
@@ -393,11 +393,6 @@ def _relay(
     assert sink is not None  # noqa: S101 - just started
     found: dict[str, Any] = {}
     done = threading.Event()
-
-    def on_lines(lines: list[Any]) -> None:
-        recent.feed(lines)
-        if keys is not None:
-            keys.feed(lines)
 
     def work() -> None:
         try:
@@ -409,10 +404,11 @@ def _relay(
                 injection=_injection(run),
                 progress=progress,
                 close_sink=False,
-                on_lines=on_lines,
+                keys=keys.keys if keys is not None else None,  # the compiled scanner when built
+                on_sent=recent.feed,
             )
         except StrictModeError as exc:
-            found["stats"], found["error"] = getattr(exc, "stats", None), exc
+            found["stats"], found["error"] = exc.stats, exc
         except BaseException as exc:  # noqa: BLE001 - handed to the run loop, raised there
             found["crash"] = exc
         finally:
@@ -430,7 +426,7 @@ def _relay(
 
 
 def _delivery(
-    target: Target, stats: RelayStats | None, recent: RecentLines, conf: Settings
+    target: Target, stats: RelayStats | None, recent: RecentBytes, conf: Settings
 ) -> Delivery:
     """How much of what was written the target read: FIONREAD's count, RECORDs among it."""
     written = stats.bytes_out if stats is not None else 0

@@ -134,7 +134,11 @@ def decode_value(raw: bytes) -> Any:
     try:
         return msgspec.json.decode(raw)
     except _ERRORS:
-        return json.loads(raw)
+        pass
+    try:  # invalid UTF-8 (already reported as an anomaly) stays visible as surrogate escapes
+        return json.loads(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return None
 
 
 def merge_state_context(line: bytes, context: dict[str, str]) -> bytes | None:

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flext_meltano_context.children import Child, Watchdog
-
-PIPE_SIZE = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
-def enlarge_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe buffer (fewer wake-ups per MB relayed); the default works too."""
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        return  # over /proc/sys/fs/pipe-max-size or not Linux: keep the default 64 KiB
+from flext_meltano_context.pipes import enlarge_pipe as enlarge_pipe  # targets_wrapper uses it
 
 
 def standalone_command(argv: Sequence[str], state_file: Path | None) -> list[str]:

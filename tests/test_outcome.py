@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +15,11 @@ from flext_meltano_context.errors import AbortedError, StepError, StrictModeErro
 from flext_meltano_context.outcome import (
     Delivery,
     Outcome,
-    RecentLines,
+    RecentBytes,
     TimedOutError,
     judge,
 )
+from flext_meltano_context.relay import RelayStats, relay
 from flext_meltano_context.spec import CrossCheck
 
 ALL_READ = Delivery(bytes_written=1000, bytes_unread=0)
@@ -24,6 +27,19 @@ ALL_READ = Delivery(bytes_written=1000, bytes_unread=0)
 
 def ended(code: int = 0, signalled: int | None = None) -> Exit:
     return Exit(code, 10.0, 11.0, ("last words",), signalled)
+
+
+def _no_stats() -> RelayStats:
+    """What the relay reports for an empty stream: the stats a strict stop carries."""
+    read, write = os.pipe()
+    os.close(write)
+    with Path(os.devnull).open("wb") as sink:
+        stats = relay(read, sink.fileno(), close_sink=False)
+    os.close(read)
+    return stats
+
+
+NO_STATS = _no_stats()
 
 
 def outcome(**changes: Any) -> Outcome:
@@ -123,7 +139,7 @@ ROWS = [
     ),
     (
         "strict_stop",
-        outcome(relay_error=StrictModeError("strict mode stopped the stream at line 3")),
+        outcome(relay_error=StrictModeError("strict mode stopped the stream at line 3", NO_STATS)),
         "failed",
         "failed",
         "success",
@@ -235,13 +251,13 @@ def test_a_delivery_is_complete_only_with_end_of_input_first_and_nothing_unread(
     assert not Delivery(10, None).complete
 
 
-def test_recent_lines_count_the_records_in_the_unread_tail() -> None:
-    recent = RecentLines()
+def test_recent_bytes_count_the_records_in_the_unread_tail() -> None:
+    recent = RecentBytes()
     schema = b'{"type":"SCHEMA","stream":"s","schema":{}}'
     records = [b'{"type":"RECORD","stream":"s","record":{"id":%d}}' % i for i in range(10)]
     state = b'{"type":"STATE","value":{}}'
-    recent.feed([schema, *records[:5]])
-    recent.feed([*records[5:], state, b"not json"])
+    recent.feed(b"\n".join([schema, *records[:5]]) + b"\n")
+    recent.feed(b"\n".join([*records[5:], state, b"not json"]) + b"\n")
     tail = len(state) + 1 + len(b"not json") + 1
     assert recent.records_in_last(0) == 0
     assert recent.records_in_last(tail) == 0
@@ -250,11 +266,11 @@ def test_recent_lines_count_the_records_in_the_unread_tail() -> None:
     assert recent.records_in_last(10**6) is None  # fewer bytes kept than asked about
 
 
-def test_recent_lines_keep_a_bounded_tail() -> None:
-    recent = RecentLines(keep=100)
-    line = b'{"type":"RECORD","stream":"s","record":{}}'
+def test_recent_bytes_keep_a_bounded_tail() -> None:
+    recent = RecentBytes(keep=100)
+    line = b'{"type":"RECORD","stream":"s","record":{}}\n'
     for _ in range(1000):
-        recent.feed([line])
+        recent.feed(line)
     assert recent.records_in_last(100) is not None
     assert recent.records_in_last(1000) is None
 

@@ -19,11 +19,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flext_meltano_context import scanner
 from flext_meltano_context.errors import StrictModeError
 from flext_meltano_context.relay import Injection, RelayProgress, RelayStats, relay
 from tests.conftest import fake
 
 SCHEMA = b'{"type":"SCHEMA","stream":"users","schema":{"properties":{"id":{"type":"integer"}}},"key_properties":["id"]}\n'  # noqa: E501
+
+
+@pytest.fixture(autouse=True, scope="module", params=["python", "c"], ids=["python", "compiled"])
+def scanner_impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs against both relay scanners (FLEXT_CONTEXT_SCANNER, children too)."""
+    if request.param == "c" and scanner.compiled()[0] is None:
+        pytest.skip(f"compiled scanner: {scanner.compiled()[1]}")
+    old = os.environ.get(scanner.ENV)
+    os.environ[scanner.ENV] = request.param
+    yield request.param
+    if old is None:
+        del os.environ[scanner.ENV]
+    else:
+        os.environ[scanner.ENV] = old
 
 
 def relay_bytes(tmp: Path, data: bytes, **options: Any) -> tuple[RelayStats, bytes]:
@@ -215,7 +230,7 @@ def test_strict_mode_stops_before_forwarding_the_bad_line(tmp_path: Path) -> Non
             relay(i.fileno(), o.fileno(), strict=True, chunk_size=chunk, close_sink=False)
         assert sink.read_bytes() == SCHEMA + good * 3
         assert "line 5" in str(caught.value)
-        stats = caught.value.stats  # type: ignore[attr-defined]
+        stats = caught.value.stats
         assert (stats.records(), stats.anomalies[0].kind) == (3, "invalid_json")
 
 
@@ -558,9 +573,18 @@ def test_a_counting_bug_stops_the_counting_but_never_the_forwarding(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(relay_module._Tally, "feed", broken)
+    monkeypatch.setattr(relay_module._PyScanner, "feed", broken)
+    monkeypatch.setattr(relay_module._CScanner, "feed", broken)
     data = SCHEMA + b'{"type":"RECORD","stream":"users","record":{"id":1}}\n' * 1000
     stats, out = relay_bytes(tmp_path, data, chunk_size=100, digest=True)
     assert out == data
     assert stats.counting_error == "KeyError: 'a bug'"
     assert stats.digest == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20], ids=["tiny-chunks", "big-chunks"])
+def test_on_lines_sees_every_whole_line_once_in_order(tmp_path: Path, chunk: int) -> None:
+    data = SCHEMA + b'{"type":"RECORD","stream":"users","record":{"id":1}}\n' * 50 + b"tail"
+    seen: list[bytes] = []
+    relay_bytes(tmp_path, data, chunk_size=chunk, on_lines=lambda ls: seen.extend(map(bytes, ls)))
+    assert seen == data.split(b"\n")

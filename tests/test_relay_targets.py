@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,25 @@ from typing import Any
 import pytest
 import singer_sdk
 
+from flext_meltano_context import scanner
 from tests.conftest import install_tool
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True, scope="module", params=["python", "c"], ids=["python", "compiled"])
+def scanner_impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs against both relay scanners (FLEXT_CONTEXT_SCANNER, children too)."""
+    if request.param == "c" and scanner.compiled()[0] is None:
+        pytest.skip(f"compiled scanner: {scanner.compiled()[1]}")
+    old = os.environ.get(scanner.ENV)
+    os.environ[scanner.ENV] = request.param
+    yield request.param
+    if old is None:
+        del os.environ[scanner.ENV]
+    else:
+        os.environ[scanner.ENV] = old
+
 
 STREAMS = Path(singer_sdk.__file__).parent / "testing" / "target_test_streams"
 FILES = sorted(STREAMS.glob("*.singer"))

@@ -42,6 +42,7 @@ import msgspec
 
 from flext_meltano_context.clock import iso as iso  # one home for timestamps (issue 11)
 from flext_meltano_context.errors import FlextContextError
+from flext_meltano_context.pipes import write_all
 
 FORMAT_VERSION = 1
 ZERO_HASH = "0" * 64
@@ -226,10 +227,7 @@ def with_hash(body: bytes, digest: str) -> bytes:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)  # one call for any line a regular file accepts at once
-        view = view[written:]
+    write_all(fd, data)
 
 
 def _read_back(fd: int, end: int) -> tuple[bytes, int, int]:
