@@ -10,7 +10,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -47,8 +47,8 @@ def _exits(func: F) -> F:
 )
 @click.option(
     "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
     show_default=True,
     envvar="FLEXT_CONTEXT_LOG_LEVEL",
     help="Least severe log level shown.",
@@ -75,8 +75,14 @@ def main() -> None:
     cli(prog_name="flext-context")
 
 
+def _meltano_flag(name: str, envvar: str, text: str) -> Callable[[F], F]:
+    return click.option(
+        name, is_flag=True, default=False, envvar=envvar, show_envvar=True, help=text
+    )
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.argument("plugins", nargs=-1)
+@click.argument("blocks", nargs=-1)
 @click.option(
     "--tap-cmd", help="Standalone: the tap's command line (split like a shell, no shell)."
 )
@@ -97,91 +103,209 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Standalone: write each state the target confirms here (atomically).",
 )
-@click.option("--full-refresh", is_flag=True, help="Ignore stored state: extract everything.")
-@click.option("--state-id-suffix", help="Meltano: append this to the state id, as meltano run.")
-@click.option("--force", is_flag=True, help="Run even if another run holds the state lock.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Resolve the blocks and print the plan (commands, state ids, where catalog and state "
+    "come from); start nothing.",
+)
+@_meltano_flag(
+    "--full-refresh", "MELTANO_RUN_FULL_REFRESH", "Ignore stored state: extract everything."
+)
+@_meltano_flag(
+    "--refresh-catalog",
+    "MELTANO_RUN_REFRESH_CATALOG",
+    "Drop the cached catalog so the tap's discovery runs again.",
+)
+@_meltano_flag(
+    "--no-state-update",
+    "MELTANO_RUN_NO_STATE_UPDATE",
+    "Run without state: none loaded, none stored (as meltano run).",
+)
+@click.option(
+    "--force",
+    "-f",
+    is_flag=True,
+    envvar="MELTANO_RUN_FORCE",
+    show_envvar=True,
+    help="Run even if another run holds the state lock.",
+)
+@click.option(
+    "--state-id-suffix",
+    envvar="MELTANO_RUN_STATE_ID_SUFFIX",
+    show_envvar=True,
+    help="Meltano: append this to each pipeline's state id, as meltano run.",
+)
+@click.option(
+    "--state-strategy",
+    type=click.Choice(["auto", "merge", "overwrite"]),
+    default="auto",
+    show_default=True,
+    envvar="MELTANO_RUN_STATE_STRATEGY",
+    show_envvar=True,
+    help="merge: merge the new state into the stored one; overwrite: replace it; auto: merge "
+    "only under --full-refresh (Meltano's state service rules).",
+)
+@click.option(
+    "--run-id",
+    metavar="UUID",
+    envvar="MELTANO_RUN_ID",
+    show_envvar=True,
+    help="The invocation's correlation id (a UUID), shared by every pipeline and child.",
+)
+@click.option(
+    "--timeout",
+    type=click.IntRange(min=1),
+    envvar="MELTANO_RUN_TIMEOUT",
+    show_envvar=True,
+    help="Stop each pipeline gracefully after this many seconds (FLEXT_CONTEXT_TIMEOUT).",
+)
+@click.option(
+    "--strict/--no-strict",
+    default=None,
+    help="Fail on the first malformed Singer message (FLEXT_CONTEXT_STRICT).",
+)
+@click.option(
+    "--record-column",
+    "record_column",
+    metavar="STREAMS",
+    default=None,
+    help="Comma-separated streams (* for all) whose records get _sdc_correlation_id "
+    "(FLEXT_CONTEXT_RECORD_COLUMN_STREAMS).",
+)
+@click.option(
+    "--inject-state/--no-inject-state",
+    default=None,
+    help="Merge flext_context into the STATE messages the target sees "
+    "(FLEXT_CONTEXT_INJECT_STATE).",
+)
+@click.option(
+    "--landing/--no-landing",
+    default=None,
+    help="Count what landed in the destination after the load (FLEXT_CONTEXT_LANDING).",
+)
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How long a stopped child may take to finish (FLEXT_CONTEXT_GRACE_SECONDS).",
+)
+@click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The lineage log to append to (FLEXT_CONTEXT_LINEAGE_PATH).",
+)
+@click.option(
+    "--result-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the invocation's result (correlation id, run ids, status, records and landing "
+    "per pipeline) to this file as JSON.",
+)
 @click.option(
     "--target-config",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Standalone: the target's config, to count what landed (default: its --config).",
+    help="The target's config, to count what landed (default: its --config, or Meltano's).",
 )
 @_exits
 def run(
-    plugins: tuple[str, ...],
+    blocks: tuple[str, ...],
     tap_cmd: str | None,
     target_cmd: str | None,
     transform_cmd: tuple[str, ...],
     state_in: Path | None,
     state_out: Path | None,
+    dry_run: bool,
     full_refresh: bool,
-    state_id_suffix: str | None,
+    refresh_catalog: bool,
+    no_state_update: bool,
     force: bool,
+    state_id_suffix: str | None,
+    state_strategy: str,
+    run_id: str | None,
+    timeout: int | None,
+    strict: bool | None,
+    record_column: str | None,
+    inject_state: bool | None,
+    landing: bool | None,
+    grace_seconds: float | None,
+    log_path: Path | None,
+    result_json: Path | None,
     target_config: Path | None,
 ) -> None:
-    """Run TAP TARGET [TRANSFORMER:COMMAND ...] with one correlation id, counted and recorded.
+    """Run BLOCKS as `meltano run` does, each pipeline counted, with one correlation id.
 
     \b
-    Under Meltano:  meltano invoke flext-context run tap-x target-y [dbt-x:run]
+    BLOCKS: tap/target pairs, mappings between them, PLUGIN:COMMAND blocks and job names from
+    meltano.yml, left to right; a failure skips the rest.
+    \b
+    Under Meltano:  meltano invoke flext-context run tap-x target-y [dbt-x:run] [JOB ...]
     Standalone:     flext-context run --tap-cmd "tap-x -c c.json" --target-cmd "target-y"
-    Exit codes: 0 success, 1 a failed run, 2 bad usage (nothing started), 130/143 stopped by a
-    signal. A summary goes to stderr; the lineage log gets every event of the run.
+    Each option wins over its environment variable. Exit codes: 0 success, 1 a failed run, 2 bad
+    usage (nothing started), 130/143 stopped by a signal. A summary goes to stderr; the lineage
+    log gets every event of the run.
     """
-    import shlex
+    import os
 
-    from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.pipeline import PipelineSpec, execute, step_name
-    from flext_meltano_context.progress import Progress, summary
+    from flext_meltano_context import invocation as runner
 
-    standalone = tap_cmd is not None or target_cmd is not None
-    if standalone:
-        if plugins:
-            raise UsageError("give either plugin names or --tap-cmd/--target-cmd, not both")
-        if tap_cmd is None or target_cmd is None:
-            raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
-        try:
-            tap_argv, target_argv = shlex.split(tap_cmd), shlex.split(target_cmd)
-            transforms = tuple(tuple(shlex.split(cmd)) for cmd in transform_cmd)
-        except ValueError as exc:
-            raise UsageError(f"cannot split a command line: {exc}") from exc
-        if not tap_argv or not target_argv:
-            raise UsageError("--tap-cmd and --target-cmd must not be empty")
-        spec = PipelineSpec(
-            tap=step_name(tap_argv),
-            target=step_name(target_argv),
-            tap_cmd=tuple(tap_argv),
-            target_cmd=tuple(target_argv),
-            transform_cmds=transforms,
-            state_in=state_in,
-            state_out=state_out,
-            full_refresh=full_refresh,
-            force=force,
-            target_config=target_config,
+    overrides = runner.setting_overrides(
+        strict=strict,
+        record_column=record_column,
+        inject_state=inject_state,
+        landing=landing,
+        grace_seconds=grace_seconds,
+        log_path=log_path,
+        timeout=timeout,
+    )
+    flags = runner.flags(
+        full_refresh=full_refresh,
+        refresh_catalog=refresh_catalog,
+        no_state_update=no_state_update,
+        force=force,
+        state_id_suffix=state_id_suffix,
+        state_strategy=state_strategy,
+        run_id=run_id,
+    )
+    env = {**os.environ, **overrides}
+    if tap_cmd is not None or target_cmd is not None:
+        if blocks:
+            raise_usage("give either plugin names or --tap-cmd/--target-cmd, not both")
+        steps = runner.standalone_steps(
+            tap_cmd, target_cmd, transform_cmd, state_in, state_out, flags, target_config
         )
+        words: tuple[str, ...] = ()
+        text = None
     else:
-        if len(plugins) < 2:
-            raise UsageError(
-                "name a tap and a target: 'run TAP TARGET [TRANSFORMER:COMMAND ...]', or use "
+        if state_in is not None or state_out is not None or transform_cmd:
+            raise_usage("--state, --state-out and --transform-cmd are for standalone mode")
+        if not blocks:
+            raise_usage(
+                "name the blocks to run: 'run TAP TARGET [PLUGIN:COMMAND ...]' or a job, or use "
                 "--tap-cmd/--target-cmd"
             )
-        if state_in is not None or state_out is not None or transform_cmd:
-            raise UsageError("--state, --state-out and --transform-cmd are for standalone mode")
-        spec = PipelineSpec(
-            tap=plugins[0],
-            target=plugins[1],
-            transformers=tuple(plugins[2:]),
-            full_refresh=full_refresh,
-            state_id_suffix=state_id_suffix,
-            force=force,
-            target_config=target_config,
-        )
-    progress = Progress()
-    try:
-        result = execute(spec, progress=progress)
-    finally:
-        progress.finish()
-    click.echo(summary(result), err=True)
-    if result.error is not None:
-        raise result.error
+        plan, steps = runner.meltano_steps(blocks, env, flags, target_config)
+        words = plan.words
+        text = runner.describe(plan, flags, env) if dry_run else None
+    if dry_run:
+        click.echo(text if text is not None else runner.describe_standalone(steps))
+        return
+    result = runner.run_steps(steps, env=env, flags=flags, words=words)
+    if result_json is not None:
+        from flext_meltano_context import result as result_file
+
+        result_file.write(result, result_json)
+    error = result.error
+    if error is not None:
+        raise error
+
+
+def raise_usage(message: str) -> NoReturn:
+    from flext_meltano_context.errors import UsageError
+
+    raise UsageError(message)
 
 
 # --- lineage: runs, report, verify, check (issue 5) -------------------------------------------
@@ -267,7 +391,13 @@ def runs(log_path: Path | None, limit: int, pipeline: str | None, fmt: str) -> N
     show_default=True,
     help="openlineage: the run's RunEvents as JSON Lines.",
 )
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file (atomically) instead of stdout.",
+)
 @_LOG_OPTION
 @_exits
 def report(
@@ -348,7 +478,9 @@ def _min_records(values: tuple[str, ...]) -> dict[str, int]:
     "--max-drop-pct",
     type=click.FloatRange(min=0),
     default=None,
-    help="Fail when a stream has P%% fewer records than the pipeline's previous successful run.",
+    help="Fail when a stream has more than P percent fewer records than the pipeline's previous "
+    "successful run.",
+    metavar="P",
 )
 @_LOG_OPTION
 @_exits

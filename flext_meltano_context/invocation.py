@@ -1,0 +1,628 @@
+"""Run a resolved invocation left to right, as `meltano run` runs its blocks.
+
+Each pipeline (tap/target pair with the command blocks right after it) is one `pipeline.execute()`
+with its own run id; a failure skips the rest. The invocation has one correlation id, handed to
+every pipeline through `FLEXT_CORRELATION_ID`, and, when it has more than one block, a record of
+its own in the lineage log (`invocation_started`/`invocation_completed`, the pipelines' run ids)
+that each pipeline names as its OpenLineage parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from flext_meltano_context import blocks, runenv, state
+from flext_meltano_context.errors import FlextContextError, StepError, UsageError
+
+if TYPE_CHECKING:
+    from flext_meltano_context.pipeline import PipelineSpec, RunResult, Settings
+    from flext_meltano_context.relay import RelayProgress
+
+log = structlog.get_logger("flext_meltano_context.invocation")
+
+STRATEGIES = ("auto", "merge", "overwrite")
+
+
+@dataclass(frozen=True, slots=True)
+class RunFlags:
+    """`meltano run`'s flags, applied to every pipeline of the invocation."""
+
+    full_refresh: bool = False
+    refresh_catalog: bool = False
+    no_state_update: bool = False
+    force: bool = False
+    state_id_suffix: str | None = None
+    state_strategy: str = "auto"
+    run_id: str | None = None  # becomes the invocation's correlation id
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One block of the invocation: a pipeline's RunResult, or a command block's exit."""
+
+    name: str
+    kind: str  # pipeline or command
+    status: str  # success, failed, aborted, skipped
+    run_id: str | None = None
+    error: str | None = None
+    exit_code: int = 0
+    result: RunResult | None = None
+    block: blocks.Pipeline | blocks.Command | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationResult:
+    """What the invocation did; its exit code is the first failed block's."""
+
+    invocation_id: str
+    correlation_id: str
+    started_at: float
+    ended_at: float
+    outcomes: tuple[Outcome, ...] = ()
+    words: tuple[str, ...] = ()
+    flags: RunFlags = field(default_factory=RunFlags)
+    recorded: bool = False  # the invocation has its own record in the lineage log
+
+    @property
+    def status(self) -> str:
+        for outcome in self.outcomes:
+            if outcome.status in {"failed", "aborted"}:
+                return outcome.status
+        return "success"
+
+    @property
+    def exit_code(self) -> int:
+        for outcome in self.outcomes:
+            if outcome.status in {"failed", "aborted"}:
+                return outcome.exit_code or 1
+        return 0
+
+    @property
+    def error(self) -> FlextContextError | None:
+        for outcome in self.outcomes:
+            if outcome.result is not None and outcome.result.error is not None:
+                return outcome.result.error
+            if outcome.status in {"failed", "aborted"}:
+                return FlextContextError(outcome.error or f"{outcome.name} failed")
+        return None
+
+
+def spec_for(pipeline: blocks.Pipeline, flags: RunFlags, plan: blocks.Plan) -> PipelineSpec:
+    """The PipelineSpec execute() runs for one pipeline of a Meltano invocation."""
+    from flext_meltano_context.pipeline import PipelineSpec
+
+    return PipelineSpec(
+        tap=pipeline.tap,
+        target=pipeline.target,
+        transformers=pipeline.commands,
+        full_refresh=flags.full_refresh,
+        state_id_suffix=flags.state_id_suffix or plan.state_id_suffix,
+        force=flags.force,
+    )
+
+
+def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
+    """The `--dry-run` text: per block its command, state id, where catalog and state come from."""
+    lines = [f"flext-context run: {len(plan.blocks)} block(s), nothing started (--dry-run)"]
+    for job, tasks in plan.jobs.items():
+        lines.append(f"job {job}: {' '.join(tasks)}")
+    environment = plan.environment
+    meltano = "meltano" + (f" --environment={environment}" if environment else "")
+    for number, block in enumerate(plan.blocks, 1):
+        if isinstance(block, blocks.Command):
+            lines.append(f"{number}. command {block.block}")
+            lines.append(f"   runs: {meltano} invoke {block.block}")
+            continue
+        lines.append(f"{number}. pipeline {block.name}")
+        for mapping in block.mappings:
+            mapper = plan.plugins.get(mapping, {}).get("plugin", mapping)
+            lines.append(f"   mapping {mapping} (mapper {mapper}), between tap and target")
+        lines.append(f"   tap: {meltano} invoke {block.tap} --catalog <catalog> [--state <state>]")
+        lines.append(f"   target: {meltano} invoke {block.target}  (fed by the counting relay)")
+        caps = set(plan.plugins.get(block.tap, {}).get("capabilities") or ())
+        refresh = flags.refresh_catalog or flags.full_refresh
+        lines.append(
+            "   catalog: discovery by "
+            + block.tap
+            + (
+                " (cache dropped: --refresh-catalog)"
+                if refresh
+                else " unless .meltano/run/" + block.tap + "/tap.properties.json is current"
+            )
+            + ", then the project's select and metadata rules"
+            if caps & {"catalog", "properties"} or not caps
+            else "   catalog: none (the tap declares neither 'catalog' nor 'properties')"
+        )
+        suffix = flags.state_id_suffix or plan.state_id_suffix
+        sid = state.state_id(environment, block.tap, block.target, suffix) if environment else None
+        if sid is None:
+            lines.append("   state id: none (no Meltano environment: a stateless run)")
+        else:
+            lines.append(f"   state id: {sid}")
+        if sid is None or flags.no_state_update:
+            lines.append("   state: neither loaded nor stored (--no-state-update)" if sid else "")
+        else:
+            source = (
+                "not loaded (--full-refresh)"
+                if flags.full_refresh
+                else f"loaded from the Meltano state backend ({meltano} state get {sid})"
+                + ("" if not caps or "state" in caps else "; the tap lacks 'state': not passed")
+            )
+            lines.append(f"   state: {source}; each state the target confirms is stored")
+            if flags.state_strategy != "auto" or flags.full_refresh:
+                lines.append(f"   state strategy: {flags.state_strategy}")
+        for command in block.commands:
+            lines.append(f"   then: {meltano} invoke {command} (after a successful load)")
+    return "\n".join(line for line in lines if line)
+
+
+def execute_plan(
+    steps: Sequence[tuple[blocks.Pipeline | blocks.Command, PipelineSpec | None]],
+    *,
+    env: Mapping[str, str],
+    settings: Settings,
+    flags: RunFlags,
+    words: Sequence[str] = (),
+    progress: Callable[[str], Callable[[RelayProgress], None] | None] | None = None,
+    finished: Callable[[RunResult], None] | None = None,
+) -> InvocationResult:
+    """Run the steps left to right; the first failure skips the rest, as in `meltano run`."""
+    from flext_meltano_context import ids
+
+    invocation_id = ids.uuid7()
+    base = dict(env)
+    if flags.run_id is not None:
+        base["FLEXT_CORRELATION_ID"] = flags.run_id
+    name = " ".join(words) or "+".join(step.name for step, _spec in steps if hasattr(step, "name"))
+    identity = runenv.identity_from_env(base, job_name=name or "invocation", run_id=invocation_id)
+    started = time.time()
+    recorder = None
+    if len(steps) > 1:
+        from flext_meltano_context.lineage.recorder import Recorder
+
+        recorder = Recorder(
+            settings.lineage_path, run_id=invocation_id, correlation_id=identity.correlation_id
+        )
+        recorder.record(
+            "invocation_started",
+            {
+                "name": name,
+                "blocks": list(words),
+                "flags": _flags_data(flags),
+                "openlineage_parent": identity.openlineage_parent(),
+                "correlation_id": identity.correlation_id,
+            },
+            fsync=True,
+        )
+    child_env = _child_env(base, identity, recorder is not None, flags)
+    outcomes: list[Outcome] = []
+    failed = False
+    try:
+        for step, spec in steps:
+            if failed:
+                outcomes.append(Outcome(_name(step), _kind(step), "skipped", block=step))
+                continue
+            outcome = _run_step(step, spec, child_env, settings, flags, identity, progress)
+            if outcome.result is not None and finished is not None:
+                finished(outcome.result)
+            outcomes.append(outcome)
+            failed = outcome.status in {"failed", "aborted"}
+    finally:
+        result = InvocationResult(
+            invocation_id, identity.correlation_id, started, time.time(), tuple(outcomes),
+            tuple(words), flags, recorded=recorder is not None,
+        )  # fmt: skip
+        if recorder is not None:
+            recorder.record("invocation_completed", _completed_data(result, len(steps)), fsync=True)
+            recorder.close()
+    return result
+
+
+def _name(step: blocks.Pipeline | blocks.Command) -> str:
+    return step.name if isinstance(step, blocks.Pipeline) else step.block
+
+
+def _kind(step: blocks.Pipeline | blocks.Command) -> str:
+    return "pipeline" if isinstance(step, blocks.Pipeline) else "command"
+
+
+def _flags_data(flags: RunFlags) -> dict[str, Any]:
+    return {
+        "full_refresh": flags.full_refresh,
+        "refresh_catalog": flags.refresh_catalog,
+        "no_state_update": flags.no_state_update,
+        "force": flags.force,
+        "state_id_suffix": flags.state_id_suffix,
+        "state_strategy": flags.state_strategy,
+    }
+
+
+def _completed_data(result: InvocationResult, planned: int) -> dict[str, Any]:
+    return {
+        "status": result.status if len(result.outcomes) == planned else "aborted",
+        "started_at": state.iso(result.started_at),
+        "ended_at": state.iso(result.ended_at),
+        "duration_s": round(result.ended_at - result.started_at, 3),
+        "blocks": [
+            {
+                "name": o.name,
+                "kind": o.kind,
+                "status": o.status,
+                "run_id": o.run_id,
+                "error": o.error[:2000] if o.error else None,
+            }
+            for o in result.outcomes
+        ],
+        "pipeline_run_ids": [o.run_id for o in result.outcomes if o.run_id],
+    }
+
+
+def _child_env(
+    base: Mapping[str, str], identity: runenv.RunIdentity, parent: bool, flags: RunFlags
+) -> dict[str, str]:
+    """What each block's run inherits: the correlation id and, with a record, its parent run."""
+    env = dict(base)
+    env["FLEXT_CORRELATION_ID"] = identity.correlation_id
+    if parent:
+        context = {"parent": {**identity.job.to_dict(), "root": identity.lineage_root.to_dict()}}
+        env["OPENLINEAGE_CONTEXT"] = json.dumps(context, separators=(",", ":"))
+        env["OPENLINEAGE_PARENT_ID"] = identity.job.parent_id()
+        env["OPENLINEAGE_ROOT_PARENT_ID"] = identity.lineage_root.parent_id()
+    if flags.no_state_update and env.get("MELTANO_PROJECT_ROOT"):
+        # As `meltano run --no-state-update`: no state loaded, none stored. The pipelines use a
+        # state backend of their own for this invocation, which starts empty and is thrown away.
+        sys_dir = Path(
+            env.get("MELTANO_SYS_DIR_ROOT") or Path(env["MELTANO_PROJECT_ROOT"]) / ".meltano"
+        )
+        scratch = sys_dir / "flext-context" / "no-state-update" / identity.run_id
+        scratch.mkdir(parents=True, exist_ok=True)
+        env["MELTANO_STATE_BACKEND_URI"] = scratch.as_uri()
+    return env
+
+
+def _run_step(
+    step: blocks.Pipeline | blocks.Command,
+    spec: PipelineSpec | None,
+    env: Mapping[str, str],
+    settings: Settings,
+    flags: RunFlags,
+    identity: runenv.RunIdentity,
+    progress: Callable[[str], Callable[[RelayProgress], None] | None] | None,
+) -> Outcome:
+    if isinstance(step, blocks.Command) or spec is None:
+        assert isinstance(step, blocks.Command)  # noqa: S101 - a pipeline always has a spec
+        return _run_command(step, env, identity)
+    from flext_meltano_context.pipeline import execute
+
+    if flags.refresh_catalog and not spec.standalone:
+        _drop_catalog_cache(env, spec.tap)
+    previous = _stored_before(spec, env, flags)
+    result = execute(
+        spec, environ=env, settings=settings, progress=progress(step.name) if progress else None
+    )
+    if previous is not None and result.state_persisted and result.state_id:
+        _merge_state(env, result.state_id, previous)
+    return Outcome(
+        step.name,
+        "pipeline",
+        result.status,
+        run_id=result.run_id,
+        error=str(result.error) if result.error is not None else None,
+        exit_code=result.exit_code,
+        result=result,
+        block=step,
+    )
+
+
+def _drop_catalog_cache(env: Mapping[str, str], tap: str) -> None:
+    """`--refresh-catalog`: drop Meltano's catalog cache key so the tap's discovery runs."""
+    root = Path(env["MELTANO_PROJECT_ROOT"])
+    sys_dir = Path(env.get("MELTANO_SYS_DIR_ROOT") or root / ".meltano")
+    for name in ("tap.properties.cache_key", "tap.properties.json"):
+        (sys_dir / "run" / tap / name).unlink(missing_ok=True)
+
+
+def _merge_wanted(spec: PipelineSpec, flags: RunFlags) -> bool:
+    """Meltano's `should_merge_states`: merge, or auto with a full refresh."""
+    return flags.state_strategy == "merge" or (flags.state_strategy == "auto" and spec.full_refresh)
+
+
+def _stored_before(
+    spec: PipelineSpec, env: Mapping[str, str], flags: RunFlags
+) -> dict[str, Any] | None:
+    """The stored state to merge the run's state into, when the strategy merges."""
+    if spec.standalone or flags.no_state_update or not _merge_wanted(spec, flags):
+        return None
+    meltano, sid = _meltano_and_sid(spec, env)
+    if meltano is None or sid is None:
+        return None
+    return meltano.state_get(sid) or {}
+
+
+def _meltano_and_sid(spec: PipelineSpec, env: Mapping[str, str]) -> tuple[Any, str | None]:
+    from flext_meltano_context.meltano import Meltano, find_meltano
+
+    environment = env.get("MELTANO_ENVIRONMENT") or None
+    if environment is None:
+        return None, None
+    root = Path(env["MELTANO_PROJECT_ROOT"])
+    meltano = Meltano(find_meltano(env), root, environment, env)
+    suffix = spec.state_id_suffix or env.get("MELTANO_RUN_STATE_ID_SUFFIX") or None
+    return meltano, state.state_id(environment, spec.tap, spec.target, suffix)
+
+
+def deep_merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Meltano's state merge (`meltano.core.utils.merge`): dicts merged, the rest replaced."""
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_state(env: Mapping[str, str], sid: str, previous: Mapping[str, Any]) -> None:
+    """Store previous-merged-with-new, which is what Meltano's state service then returns."""
+    from flext_meltano_context.meltano import Meltano, find_meltano
+
+    root = Path(env["MELTANO_PROJECT_ROOT"])
+    meltano = Meltano(find_meltano(env), root, env.get("MELTANO_ENVIRONMENT") or None, env)
+    current = meltano.state_get(sid) or {}
+    meltano.state_set(sid, deep_merge(previous, current))
+
+
+def _run_command(
+    step: blocks.Command, env: Mapping[str, str], identity: runenv.RunIdentity
+) -> Outcome:
+    """A command block of its own: `meltano invoke PLUGIN:COMMAND`, its stdout to our stderr."""
+    from flext_meltano_context import ids
+    from flext_meltano_context.meltano import Meltano, find_meltano
+
+    if not env.get("MELTANO_PROJECT_ROOT"):
+        raise UsageError(f"the command block {step.block!r} needs Meltano")
+    root = Path(env["MELTANO_PROJECT_ROOT"])
+    meltano = Meltano(find_meltano(env), root, env.get("MELTANO_ENVIRONMENT") or None, env)
+    run_id = ids.uuid7()
+    child = runenv.child_environ(
+        env, runenv.phase_env(identity, phase=step.block, kind="transform", phase_run_id=run_id)
+    )
+    log.info("block_started", block=step.block, run_id=run_id)
+    try:
+        done = subprocess.run(
+            meltano.invoke_argv(step.block),
+            env=child,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    except OSError as exc:
+        return Outcome(step.block, "command", "failed", run_id, str(exc), 1, block=step)
+    tail = done.stderr.decode("utf-8", "replace").splitlines()[-20:]
+    os.write(sys.stderr.fileno(), done.stderr[-65536:])
+    if done.returncode != 0:
+        error = StepError(step.block, done.returncode, tail)
+        return Outcome(step.block, "command", "failed", run_id, str(error), 1, block=step)
+    return Outcome(step.block, "command", "success", run_id, block=step)
+
+
+_TRUE_FALSE = {True: "true", False: "false"}
+
+
+def setting_overrides(
+    *,
+    strict: bool | None = None,
+    record_column: str | None = None,
+    inject_state: bool | None = None,
+    landing: bool | None = None,
+    grace_seconds: float | None = None,
+    log_path: Path | None = None,
+    timeout: int | None = None,
+) -> dict[str, str]:
+    """The `FLEXT_CONTEXT_*` variables the run options set: an option wins over its variable."""
+    out: dict[str, str] = {}
+    if strict is not None:
+        out["FLEXT_CONTEXT_STRICT"] = _TRUE_FALSE[strict]
+    if record_column is not None:
+        out["FLEXT_CONTEXT_RECORD_COLUMN_STREAMS"] = record_column
+    if inject_state is not None:
+        out["FLEXT_CONTEXT_INJECT_STATE"] = _TRUE_FALSE[inject_state]
+    if landing is not None:
+        out["FLEXT_CONTEXT_LANDING"] = _TRUE_FALSE[landing]
+    if grace_seconds is not None:
+        out["FLEXT_CONTEXT_GRACE_SECONDS"] = repr(float(grace_seconds))
+    if log_path is not None:
+        out["FLEXT_CONTEXT_LINEAGE_PATH"] = str(log_path.absolute())
+    if timeout is not None:
+        out["FLEXT_CONTEXT_TIMEOUT"] = str(timeout)
+    return out
+
+
+def flags(
+    *,
+    full_refresh: bool = False,
+    refresh_catalog: bool = False,
+    no_state_update: bool = False,
+    force: bool = False,
+    state_id_suffix: str | None = None,
+    state_strategy: str = "auto",
+    run_id: str | None = None,
+) -> RunFlags:
+    """RunFlags checked as `meltano run` checks them (a run id must be a UUID)."""
+    from flext_meltano_context import ids
+
+    if run_id is not None and not ids.is_uuid(run_id):
+        raise UsageError(f"--run-id / MELTANO_RUN_ID must be a UUID, got {run_id[:40]!r}")
+    if state_strategy not in STRATEGIES:
+        raise UsageError(f"--state-strategy must be one of {', '.join(STRATEGIES)}")
+    return RunFlags(
+        full_refresh=full_refresh,
+        refresh_catalog=refresh_catalog,
+        no_state_update=no_state_update,
+        force=force,
+        state_id_suffix=state_id_suffix or None,
+        state_strategy=state_strategy,
+        run_id=run_id.lower() if run_id else None,
+    )
+
+
+Steps = list[tuple[blocks.Pipeline | blocks.Command, "PipelineSpec | None"]]
+
+
+def standalone_steps(
+    tap_cmd: str | None,
+    target_cmd: str | None,
+    transform_cmds: Sequence[str],
+    state_in: Path | None,
+    state_out: Path | None,
+    run: RunFlags,
+    target_config: Path | None,
+) -> Steps:
+    """The one pipeline of standalone mode; Meltano-only flags are errors here, not ignored."""
+    import shlex
+
+    from flext_meltano_context.pipeline import PipelineSpec, step_name
+
+    if tap_cmd is None or target_cmd is None:
+        raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
+    meltano_only = {
+        "--state-id-suffix": run.state_id_suffix is not None,
+        "--refresh-catalog": run.refresh_catalog,
+        "--state-strategy": run.state_strategy != "auto",
+    }
+    for option, given in meltano_only.items():
+        if given:
+            raise UsageError(
+                f"{option} is for Meltano mode (plugin names); standalone runs keep state in "
+                "the files of --state/--state-out"
+            )
+    if run.no_state_update and (state_in is not None or state_out is not None):
+        raise UsageError("--no-state-update contradicts --state/--state-out; give one or the other")
+    try:
+        tap_argv, target_argv = shlex.split(tap_cmd), shlex.split(target_cmd)
+        transforms = tuple(tuple(shlex.split(cmd)) for cmd in transform_cmds)
+    except ValueError as exc:
+        raise UsageError(f"cannot split a command line: {exc}") from exc
+    if not tap_argv or not target_argv:
+        raise UsageError("--tap-cmd and --target-cmd must not be empty")
+    spec = PipelineSpec(
+        tap=step_name(tap_argv),
+        target=step_name(target_argv),
+        tap_cmd=tuple(tap_argv),
+        target_cmd=tuple(target_argv),
+        transform_cmds=transforms,
+        state_in=state_in,
+        state_out=state_out,
+        full_refresh=run.full_refresh,
+        force=run.force,
+        target_config=target_config,
+    )
+    return [(blocks.Pipeline(spec.tap, spec.target), spec)]
+
+
+def meltano_steps(
+    words: Sequence[str], env: Mapping[str, str], run: RunFlags, target_config: Path | None
+) -> tuple[blocks.Plan, Steps]:
+    """Resolve the words with Meltano's own lookups; a spec per pipeline, nothing started."""
+    from dataclasses import replace
+
+    if not env.get("MELTANO_PROJECT_ROOT"):
+        raise UsageError(
+            "plugin names need Meltano: run 'meltano invoke flext-context run TAP TARGET', "
+            "or give commands with --tap-cmd and --target-cmd"
+        )
+    plan = blocks.resolve(words, env)
+    steps: Steps = []
+    for block in plan.blocks:
+        if isinstance(block, blocks.Pipeline):
+            spec = spec_for(block, run, plan)
+            steps.append((block, replace(spec, target_config=target_config)))
+        else:
+            steps.append((block, None))
+    return plan, steps
+
+
+def describe_standalone(steps: Steps) -> str:
+    """The `--dry-run` text of a standalone run."""
+    lines = ["flext-context run: 1 pipeline, nothing started (--dry-run)"]
+    for _block, spec in steps:
+        if spec is None or spec.tap_cmd is None or spec.target_cmd is None:
+            continue
+        import shlex
+
+        lines.append(f"1. pipeline {spec.tap}-to-{spec.target} (standalone)")
+        lines.append(f"   tap: {shlex.join(spec.tap_cmd)}")
+        lines.append(f"   target: {shlex.join(spec.target_cmd)}  (fed by the counting relay)")
+        lines.append("   catalog: whatever the tap command passes (none added)")
+        loaded = "none" if spec.state_in is None or spec.full_refresh else str(spec.state_in)
+        lines.append(f"   state: loaded from {loaded}; stored to {spec.state_out or 'nowhere'}")
+        for cmd in spec.transform_cmds:
+            lines.append(f"   then: {shlex.join(cmd)} (after a successful load)")
+    return "\n".join(lines)
+
+
+def run_steps(
+    steps: Steps, *, env: Mapping[str, str], flags: RunFlags, words: Sequence[str]
+) -> InvocationResult:
+    """Run with the live progress and a summary per pipeline on stderr (the CLI's run)."""
+    from flext_meltano_context.pipeline import Settings
+    from flext_meltano_context.progress import Progress, summary
+
+    for block, _spec in steps:
+        if isinstance(block, blocks.Pipeline) and block.mappings:  # nothing started yet
+            raise UsageError(
+                f"mappings inside 'flext-context run' are not supported yet ({block.name} with "
+                f"{', '.join(block.mappings)}); run that pipeline with 'meltano run' and put the "
+                "flext-count mapping in front of the target to count it"
+            )
+    settings = Settings.from_env(env)
+    current: list[Progress] = []
+
+    def progress_for(_name: str) -> Callable[[RelayProgress], None]:
+        bar = Progress()
+        current.append(bar)
+        return bar
+
+    def finished(result: RunResult) -> None:
+        while current:
+            current.pop().finish()
+        sys.stderr.write(summary(result) + "\n")
+        sys.stderr.flush()
+
+    result = execute_plan(
+        steps,
+        env=env,
+        settings=settings,
+        flags=flags,
+        words=words,
+        progress=progress_for,
+        finished=finished,
+    )
+    for bar in current:
+        bar.finish()
+    if len(steps) > 1:
+        sys.stderr.write(_invocation_summary(result) + "\n")
+    return result
+
+
+def _invocation_summary(result: InvocationResult) -> str:
+    lines = [
+        f"flext-context invocation {result.status}: {len(result.outcomes)} block(s), "
+        f"correlation id {result.correlation_id}, invocation {result.invocation_id}"
+    ]
+    for outcome in result.outcomes:
+        run = f", run id {outcome.run_id}" if outcome.run_id else ""
+        lines.append(f"  {outcome.kind} {outcome.name}: {outcome.status}{run}")
+    return "\n".join(lines)
