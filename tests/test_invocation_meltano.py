@@ -8,10 +8,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs in the test extra
 import pytest
 
 from flext_meltano_context import blocks
+from flext_meltano_context.errors import UsageError
 from flext_meltano_context.result import result_schema
 from tests.test_pipeline_meltano import events, meltano, project, stored_state, wrapper
 
@@ -91,7 +92,7 @@ def test_our_block_rule_matches_meltanos_block_parser_on_the_same_invocations(
         mapper_of = {k: v["plugin"] for k, v in reply["plugins"].items() if v and v["mapping"]}
         try:
             ours: Any = blocks.shape(blocks.split(reply["words"], kinds, mapper_of), mapper_of)
-        except blocks.UsageError as exc:
+        except UsageError as exc:
             ours = str(exc)
         if "meltano_blocks" in reply:
             theirs: Any = [
