@@ -58,6 +58,7 @@ class Outcome:
     exit_code: int = 0
     result: RunResult | None = None
     block: blocks.Pipeline | blocks.Command | None = None
+    tap_streams: Mapping[str, int] | None = None  # a mapped pipeline: records that left the tap
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +305,12 @@ def _run_step(
         return _run_command(step, env, identity)
     from flext_meltano_context.pipeline import execute
 
+    if step.mappings and not spec.standalone:
+        from flext_meltano_context import mapped
+
+        return mapped.run(step, spec, env, settings, flags, progress)
     if flags.refresh_catalog and not spec.standalone:
-        _drop_catalog_cache(env, spec.tap)
+        drop_catalog_cache(env, spec.tap)
     previous = _stored_before(spec, env, flags)
     result = execute(
         spec, environ=env, settings=settings, progress=progress(step.name) if progress else None
@@ -324,7 +329,7 @@ def _run_step(
     )
 
 
-def _drop_catalog_cache(env: Mapping[str, str], tap: str) -> None:
+def drop_catalog_cache(env: Mapping[str, str], tap: str) -> None:
     """`--refresh-catalog`: drop Meltano's catalog cache key so the tap's discovery runs."""
     root = Path(env["MELTANO_PROJECT_ROOT"])
     sys_dir = Path(env.get("MELTANO_SYS_DIR_ROOT") or root / ".meltano")
@@ -332,7 +337,7 @@ def _drop_catalog_cache(env: Mapping[str, str], tap: str) -> None:
         (sys_dir / "run" / tap / name).unlink(missing_ok=True)
 
 
-def _merge_wanted(spec: PipelineSpec, flags: RunFlags) -> bool:
+def merge_wanted(spec: PipelineSpec, flags: RunFlags) -> bool:
     """Meltano's `should_merge_states`: merge, or auto with a full refresh."""
     return flags.state_strategy == "merge" or (flags.state_strategy == "auto" and spec.full_refresh)
 
@@ -341,7 +346,7 @@ def _stored_before(
     spec: PipelineSpec, env: Mapping[str, str], flags: RunFlags
 ) -> dict[str, Any] | None:
     """The stored state to merge the run's state into, when the strategy merges."""
-    if spec.standalone or flags.no_state_update or not _merge_wanted(spec, flags):
+    if spec.standalone or flags.no_state_update or not merge_wanted(spec, flags):
         return None
     meltano, sid = _meltano_and_sid(spec, env)
     if meltano is None or sid is None:
@@ -580,13 +585,6 @@ def run_steps(
     from flext_meltano_context.pipeline import Settings
     from flext_meltano_context.progress import Progress, summary
 
-    for block, _spec in steps:
-        if isinstance(block, blocks.Pipeline) and block.mappings:  # nothing started yet
-            raise UsageError(
-                f"mappings inside 'flext-context run' are not supported yet ({block.name} with "
-                f"{', '.join(block.mappings)}); run that pipeline with 'meltano run' and put the "
-                "flext-count mapping in front of the target to count it"
-            )
     settings = Settings.from_env(env)
     current: list[Progress] = []
 

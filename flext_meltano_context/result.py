@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flext_meltano_context import state
+from flext_meltano_context.blocks import Pipeline
 from flext_meltano_context.errors import FlextContextError
 
 if TYPE_CHECKING:
@@ -69,13 +70,18 @@ def _block(outcome: Outcome) -> dict[str, Any]:
     if run is None:
         return out
     landed = {row.stream: row for row in (run.landing.streams if run.landing else ())}
-    for name in sorted(set(run.streams) | set(landed)):
+    tap_side = outcome.tap_streams
+    if isinstance(outcome.block, Pipeline) and outcome.block.mappings:
+        out["mappings"] = list(outcome.block.mappings)
+    for name in sorted(set(run.streams) | set(landed) | set(tap_side or ())):
         row = landed.get(name)
         out["streams"][name] = {
             "records": run.streams.get(name, 0),
             "landed": row.landed if row is not None else None,
             "landing": row.label if row is not None else None,
         }
+        if tap_side is not None:  # a mapped pipeline: what left the tap, before the mappers
+            out["streams"][name]["tap_records"] = tap_side.get(name, 0)
     out["phases"] = [
         {
             "phase": p.phase,

@@ -38,7 +38,7 @@ def job_project(tmp_path: Path) -> Path:
     other = wrapper(
         tmp_path / "bin" / "target-other", "target_collect.py", str(tmp_path / "o.jsonl")
     )
-    mapper = wrapper(tmp_path / "bin" / "mapper-cat", "target_collect.py", "/dev/null")
+    mapper = wrapper(tmp_path / "bin" / "mapper-cat", "mapper_filter.py", "--keep-every", "2")
     text = (root / "meltano.yml").read_text()
     text = text.replace(
         "  utilities:\n",
@@ -226,3 +226,42 @@ def test_state_strategy_stores_what_meltano_run_stores(
         value.pop("flext_context", None)
         stored.append(value)
     assert stored[0] == stored[1]
+
+
+def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_meltano_run(
+    tmp_path: Path,
+) -> None:
+    root = job_project(tmp_path)
+    result_path = tmp_path / "result.json"
+    done = run(root, "--result-json", str(result_path), "tap-counter", "cat-it", "target-collect")
+    assert done.returncode == 0, done.stderr
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert ids == [2, 4, 6, 8, 10]  # the mapper kept every second record
+    result = json.loads(result_path.read_text())
+    jsonschema.validate(result, result_schema())
+    (pipeline,) = result["pipelines"]
+    assert pipeline["mappings"] == ["cat-it"]
+    assert pipeline["streams"]["users"]["tap_records"] == 10
+    assert pipeline["streams"]["users"]["records"] == 5
+    (both,) = events(tmp_path, "mapped_streams")
+    assert both["data"]["tap_side"] == {"users": 10}
+    assert both["data"]["target_side"] == {"users": 5}
+    assert both["run_id"] == pipeline["run_id"]
+    sid = "dev:tap-counter-to-target-collect"
+    twin = job_project(tmp_path / "twin")
+    assert meltano(twin, "run", "tap-counter", "cat-it", "target-collect").returncode == 0
+    ours, theirs = stored_state(root, sid)["singer_state"], stored_state(twin, sid)["singer_state"]
+    assert ours["bookmarks"] == theirs["bookmarks"] == {"users": {"id": 10}}
+    again = run(root, "tap-counter", "cat-it", "target-collect")
+    assert again.returncode == 0, again.stderr
+    argv = json.loads((tmp_path / "tap.env").read_text())["argv"]
+    assert "--state" in argv  # the second run resumed from the stored state
+    assert stored_state(root, sid)["singer_state"]["bookmarks"] == {"users": {"id": 20}}
+
+
+def test_a_failing_mapper_fails_the_pipeline_and_leaves_state_untouched(tmp_path: Path) -> None:
+    root = job_project(tmp_path)
+    wrapper(tmp_path / "bin" / "mapper-cat", "mapper_filter.py", "--keep-every", "0")  # crashes
+    done = run(root, "tap-counter", "cat-it", "target-collect")
+    assert done.returncode == 1
+    assert stored_state(root, "dev:tap-counter-to-target-collect") == {}
