@@ -583,33 +583,37 @@ def run_steps(
 ) -> InvocationResult:
     """Run with the live progress and a summary per pipeline on stderr (the CLI's run)."""
     from flext_meltano_context.pipeline import Settings
-    from flext_meltano_context.progress import Progress, summary
+    from flext_meltano_context.progress import for_pipeline, summary
 
     settings = Settings.from_env(env)
-    current: list[Progress] = []
+    current: list[Any] = []
+    pipelines = sum(1 for _block, spec in steps if spec is not None)
 
-    def progress_for(_name: str) -> Callable[[RelayProgress], None]:
-        bar = Progress()
+    def progress_for(name: str) -> Callable[[RelayProgress], None]:
+        position = f"[{len(current) + 1}/{pipelines}] " if pipelines > 1 else ""
+        bar = for_pipeline(name, position=position)
         current.append(bar)
-        return bar
+        return bar  # type: ignore[no-any-return]  # a Progress or a LiveProgress
 
     def finished(result: RunResult) -> None:
-        while current:
-            current.pop().finish()
+        for bar in current:
+            bar.finish()
         sys.stderr.write(summary(result) + "\n")
         sys.stderr.flush()
 
-    result = execute_plan(
-        steps,
-        env=env,
-        settings=settings,
-        flags=flags,
-        words=words,
-        progress=progress_for,
-        finished=finished,
-    )
-    for bar in current:
-        bar.finish()
+    try:
+        result = execute_plan(
+            steps,
+            env=env,
+            settings=settings,
+            flags=flags,
+            words=words,
+            progress=progress_for,
+            finished=finished,
+        )
+    finally:
+        for bar in current:
+            bar.finish()  # also when the run ended by an exception: no panel left on the screen
     if len(steps) > 1:
         sys.stderr.write(_invocation_summary(result) + "\n")
     return result
