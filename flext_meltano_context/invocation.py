@@ -219,6 +219,12 @@ def execute_plan(
             outcomes.append(outcome)
             failed = outcome.status in {"failed", "aborted"}
     finally:
+        scratch = child_env.get("MELTANO_STATE_BACKEND_URI", "")
+        if flags.no_state_update and scratch.startswith("file://") and identity.run_id in scratch:
+            import shutil
+            from urllib.parse import urlparse
+
+            shutil.rmtree(urlparse(scratch).path, ignore_errors=True)  # never read again
         result = InvocationResult(
             invocation_id, identity.correlation_id, started, time.time(), tuple(outcomes),
             tuple(words), flags, recorded=recorder is not None,

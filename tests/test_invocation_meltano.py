@@ -203,6 +203,7 @@ def test_no_state_update_neither_loads_nor_stores_state(tmp_path: Path) -> None:
     ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert ids == [*range(1, 11), *range(1, 11)]  # the second run did not resume
     assert stored_state(root, "dev:tap-counter-to-target-collect") == before
+    assert not list((root / ".meltano" / "flext-context" / "no-state-update").iterdir())
 
 
 @pytest.mark.parametrize(
