@@ -249,6 +249,7 @@ def run(
     """
     import os
 
+    from flext_meltano_context import dryrun
     from flext_meltano_context import invocation as runner
 
     overrides = runner.setting_overrides(
@@ -288,9 +289,9 @@ def run(
             )
         plan, steps = runner.meltano_steps(blocks, env, flags, target_config)
         words = plan.words
-        text = runner.describe(plan, flags, env) if dry_run else None
+        text = dryrun.describe(plan, flags, env) if dry_run else None
     if dry_run:
-        click.echo(text if text is not None else runner.describe_standalone(steps))
+        click.echo(text if text is not None else dryrun.describe_standalone(steps))
         return
     result = runner.run_steps(steps, env=env, flags=flags, words=words)
     if result_json is not None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from flext_meltano_context import blocks, runenv, state
+from flext_meltano_context import blocks, runenv, state, strategy
 from flext_meltano_context.errors import FlextContextError, StepError, UsageError
 
 if TYPE_CHECKING:
@@ -110,61 +110,6 @@ def spec_for(pipeline: blocks.Pipeline, flags: RunFlags, plan: blocks.Plan) -> P
         state_id_suffix=flags.state_id_suffix or plan.state_id_suffix,
         force=flags.force,
     )
-
-
-def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
-    """The `--dry-run` text: per block its command, state id, where catalog and state come from."""
-    lines = [f"flext-context run: {len(plan.blocks)} block(s), nothing started (--dry-run)"]
-    for job, tasks in plan.jobs.items():
-        lines.append(f"job {job}: {' '.join(tasks)}")
-    environment = plan.environment
-    meltano = "meltano" + (f" --environment={environment}" if environment else "")
-    for number, block in enumerate(plan.blocks, 1):
-        if isinstance(block, blocks.Command):
-            lines.append(f"{number}. command {block.block}")
-            lines.append(f"   runs: {meltano} invoke {block.block}")
-            continue
-        lines.append(f"{number}. pipeline {block.name}")
-        for mapping in block.mappings:
-            mapper = plan.plugins.get(mapping, {}).get("plugin", mapping)
-            lines.append(f"   mapping {mapping} (mapper {mapper}), between tap and target")
-        lines.append(f"   tap: {meltano} invoke {block.tap} --catalog <catalog> [--state <state>]")
-        lines.append(f"   target: {meltano} invoke {block.target}  (fed by the counting relay)")
-        caps = set(plan.plugins.get(block.tap, {}).get("capabilities") or ())
-        refresh = flags.refresh_catalog or flags.full_refresh
-        lines.append(
-            "   catalog: discovery by "
-            + block.tap
-            + (
-                " (cache dropped: --refresh-catalog)"
-                if refresh
-                else " unless .meltano/run/" + block.tap + "/tap.properties.json is current"
-            )
-            + ", then the project's select and metadata rules"
-            if caps & {"catalog", "properties"} or not caps
-            else "   catalog: none (the tap declares neither 'catalog' nor 'properties')"
-        )
-        suffix = flags.state_id_suffix or plan.state_id_suffix
-        sid = state.state_id(environment, block.tap, block.target, suffix) if environment else None
-        if sid is None:
-            lines.append("   state id: none (no Meltano environment: a stateless run)")
-        else:
-            lines.append(f"   state id: {sid}")
-        if sid is None or flags.no_state_update:
-            lines.append("   state: neither loaded nor stored (--no-state-update)" if sid else "")
-        else:
-            source = (
-                "not loaded (--full-refresh)"
-                if flags.full_refresh
-                else f"loaded from the Meltano state backend ({meltano} state get {sid})"
-                + ("" if not caps or "state" in caps else "; the tap lacks 'state': not passed")
-            )
-            lines.append(f"   state: {source}; each state the target confirms is stored")
-            if flags.state_strategy != "auto" or flags.full_refresh:
-                lines.append(f"   state strategy: {flags.state_strategy}")
-        for command in block.commands:
-            lines.append(f"   then: {meltano} invoke {command} (after a successful load)")
-    return "\n".join(line for line in lines if line)
 
 
 def execute_plan(
@@ -317,12 +262,12 @@ def _run_step(
         return mapped.run(step, spec, env, settings, flags, progress)
     if flags.refresh_catalog and not spec.standalone:
         drop_catalog_cache(env, spec.tap)
-    previous = _stored_before(spec, env, flags)
+    previous = strategy.stored_before(spec, env, flags)
     result = execute(
         spec, environ=env, settings=settings, progress=progress(step.name) if progress else None
     )
     if previous is not None and result.state_persisted and result.state_id:
-        _merge_state(env, result.state_id, previous)
+        strategy.merge_state(env, result.state_id, previous)
     return Outcome(
         step.name,
         "pipeline",
@@ -341,56 +286,6 @@ def drop_catalog_cache(env: Mapping[str, str], tap: str) -> None:
     sys_dir = Path(env.get("MELTANO_SYS_DIR_ROOT") or root / ".meltano")
     for name in ("tap.properties.cache_key", "tap.properties.json"):
         (sys_dir / "run" / tap / name).unlink(missing_ok=True)
-
-
-def merge_wanted(spec: PipelineSpec, flags: RunFlags) -> bool:
-    """Meltano's `should_merge_states`: merge, or auto with a full refresh."""
-    return flags.state_strategy == "merge" or (flags.state_strategy == "auto" and spec.full_refresh)
-
-
-def _stored_before(
-    spec: PipelineSpec, env: Mapping[str, str], flags: RunFlags
-) -> dict[str, Any] | None:
-    """The stored state to merge the run's state into, when the strategy merges."""
-    if spec.standalone or flags.no_state_update or not merge_wanted(spec, flags):
-        return None
-    meltano, sid = _meltano_and_sid(spec, env)
-    if meltano is None or sid is None:
-        return None
-    return meltano.state_get(sid) or {}
-
-
-def _meltano_and_sid(spec: PipelineSpec, env: Mapping[str, str]) -> tuple[Any, str | None]:
-    from flext_meltano_context.meltano import Meltano, find_meltano
-
-    environment = env.get("MELTANO_ENVIRONMENT") or None
-    if environment is None:
-        return None, None
-    root = Path(env["MELTANO_PROJECT_ROOT"])
-    meltano = Meltano(find_meltano(env), root, environment, env)
-    suffix = spec.state_id_suffix or env.get("MELTANO_RUN_STATE_ID_SUFFIX") or None
-    return meltano, state.state_id(environment, spec.tap, spec.target, suffix)
-
-
-def deep_merge(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Meltano's state merge (`meltano.core.utils.merge`): dicts merged, the rest replaced."""
-    out = dict(base)
-    for key, value in new.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _merge_state(env: Mapping[str, str], sid: str, previous: Mapping[str, Any]) -> None:
-    """Store previous-merged-with-new, which is what Meltano's state service then returns."""
-    from flext_meltano_context.meltano import Meltano, find_meltano
-
-    root = Path(env["MELTANO_PROJECT_ROOT"])
-    meltano = Meltano(find_meltano(env), root, env.get("MELTANO_ENVIRONMENT") or None, env)
-    current = meltano.state_get(sid) or {}
-    meltano.state_set(sid, deep_merge(previous, current))
 
 
 def _run_command(
@@ -563,25 +458,6 @@ def meltano_steps(
         else:
             steps.append((block, None))
     return plan, steps
-
-
-def describe_standalone(steps: Steps) -> str:
-    """The `--dry-run` text of a standalone run."""
-    lines = ["flext-context run: 1 pipeline, nothing started (--dry-run)"]
-    for _block, spec in steps:
-        if spec is None or spec.tap_cmd is None or spec.target_cmd is None:
-            continue
-        import shlex
-
-        lines.append(f"1. pipeline {spec.tap}-to-{spec.target} (standalone)")
-        lines.append(f"   tap: {shlex.join(spec.tap_cmd)}")
-        lines.append(f"   target: {shlex.join(spec.target_cmd)}  (fed by the counting relay)")
-        lines.append("   catalog: whatever the tap command passes (none added)")
-        loaded = "none" if spec.state_in is None or spec.full_refresh else str(spec.state_in)
-        lines.append(f"   state: loaded from {loaded}; stored to {spec.state_out or 'nowhere'}")
-        for cmd in spec.transform_cmds:
-            lines.append(f"   then: {shlex.join(cmd)} (after a successful load)")
-    return "\n".join(lines)
 
 
 def run_steps(

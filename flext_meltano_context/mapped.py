@@ -114,9 +114,10 @@ def _execute(
 ) -> tuple[RunResult, dict[str, Any] | None]:
     from dataclasses import replace
 
-    from flext_meltano_context.invocation import drop_catalog_cache, merge_wanted
+    from flext_meltano_context.invocation import drop_catalog_cache
     from flext_meltano_context.meltano import plugin_infos
     from flext_meltano_context.pipeline import execute
+    from flext_meltano_context.strategy import merge_wanted
 
     info = meltano.plugin_info([spec.tap]) or plugin_infos({}, [spec.tap])
     found = info.get(spec.tap)
@@ -180,7 +181,7 @@ def _store_state(
     flags: RunFlags,
 ) -> None:
     """Store the last state the target confirmed (merged when the strategy merges)."""
-    from flext_meltano_context.invocation import deep_merge
+    from flext_meltano_context.strategy import deep_merge
 
     try:
         value = json.loads(state_out.read_text(encoding="utf-8"))

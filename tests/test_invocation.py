@@ -11,7 +11,7 @@ import jsonschema  # type: ignore[import-untyped]  # no stubs in the test extra
 import pytest
 from click.testing import CliRunner
 
-from flext_meltano_context import blocks, invocation
+from flext_meltano_context import blocks, invocation, strategy
 from flext_meltano_context.cli import cli
 from flext_meltano_context.errors import UsageError
 from flext_meltano_context.pipeline import Settings
@@ -206,7 +206,7 @@ def test_commands_after_a_pipeline_join_it_and_commands_first_stay_alone() -> No
 def test_deep_merge_keeps_old_bookmarks_and_takes_new_values() -> None:
     old = {"bookmarks": {"a": {"id": 1}, "b": {"id": 2}}}
     new = {"bookmarks": {"a": {"id": 5}}}
-    assert invocation.deep_merge(old, new) == {"bookmarks": {"a": {"id": 5}, "b": {"id": 2}}}
+    assert strategy.deep_merge(old, new) == {"bookmarks": {"a": {"id": 5}, "b": {"id": 2}}}
     assert old == {"bookmarks": {"a": {"id": 1}, "b": {"id": 2}}}  # inputs untouched
 
 
