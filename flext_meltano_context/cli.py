@@ -158,7 +158,8 @@ def _meltano_flag(name: str, envvar: str, text: str) -> Callable[[F], F]:
     type=click.IntRange(min=1),
     envvar="MELTANO_RUN_TIMEOUT",
     show_envvar=True,
-    help="Stop each pipeline gracefully after this many seconds (FLEXT_CONTEXT_TIMEOUT).",
+    help="Stop the invocation gracefully after this many seconds, as meltano run (exit 1); "
+    "each pipeline also gets it as FLEXT_CONTEXT_TIMEOUT.",
 )
 @click.option(
     "--strict/--no-strict",
@@ -269,6 +270,7 @@ def run(
         state_id_suffix=state_id_suffix,
         state_strategy=state_strategy,
         run_id=run_id,
+        timeout=timeout,
     )
     env = {**os.environ, **overrides}
     if tap_cmd is not None or target_cmd is not None:

@@ -44,6 +44,7 @@ class RunFlags:
     state_id_suffix: str | None = None
     state_strategy: str = "auto"
     run_id: str | None = None  # becomes the invocation's correlation id
+    timeout: float | None = None  # seconds for the whole invocation, as `meltano run --timeout`
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +74,13 @@ class InvocationResult:
     words: tuple[str, ...] = ()
     flags: RunFlags = field(default_factory=RunFlags)
     recorded: bool = False  # the invocation has its own record in the lineage log
+    stopped_by: int | None = None  # the signal that stopped it (SIGTERM also for a timeout)
+    timed_out: bool = False
 
     @property
     def status(self) -> str:
+        if self.stopped_by is not None:
+            return "aborted"
         for outcome in self.outcomes:
             if outcome.status in {"failed", "aborted"}:
                 return outcome.status
@@ -83,6 +88,10 @@ class InvocationResult:
 
     @property
     def exit_code(self) -> int:
+        if self.timed_out:
+            return 1  # as `meltano run --timeout`
+        if self.stopped_by is not None:
+            return 128 + self.stopped_by
         for outcome in self.outcomes:
             if outcome.status in {"failed", "aborted"}:
                 return outcome.exit_code or 1
@@ -90,6 +99,15 @@ class InvocationResult:
 
     @property
     def error(self) -> FlextContextError | None:
+        if self.timed_out:
+            return FlextContextError(
+                f"the invocation timed out after {self.flags.timeout:g} s (--timeout); the running "
+                "pipeline was stopped gracefully (its confirmed state kept), the rest skipped"
+            )
+        if self.stopped_by is not None and not any(o.result for o in self.outcomes):
+            from flext_meltano_context.errors import AbortedError
+
+            return AbortedError(self.stopped_by, "stopped before any pipeline ran")
         for outcome in self.outcomes:
             if outcome.result is not None and outcome.result.error is not None:
                 return outcome.result.error
@@ -153,9 +171,11 @@ def execute_plan(
     child_env = _child_env(base, identity, recorder is not None, flags)
     outcomes: list[Outcome] = []
     failed = False
+    stop = _Stop(flags.timeout)
     try:
+        stop.install()
         for step, spec in steps:
-            if failed:
+            if failed or stop.signum is not None:
                 outcomes.append(Outcome(_name(step), _kind(step), "skipped", block=step))
                 continue
             outcome = _run_step(step, spec, child_env, settings, flags, identity, progress)
@@ -164,6 +184,7 @@ def execute_plan(
             outcomes.append(outcome)
             failed = outcome.status in {"failed", "aborted"}
     finally:
+        stop.restore()
         scratch = child_env.get("MELTANO_STATE_BACKEND_URI", "")
         if flags.no_state_update and scratch.startswith("file://") and identity.run_id in scratch:
             import shutil
@@ -172,12 +193,59 @@ def execute_plan(
             shutil.rmtree(urlparse(scratch).path, ignore_errors=True)  # never read again
         result = InvocationResult(
             invocation_id, identity.correlation_id, started, time.time(), tuple(outcomes),
-            tuple(words), flags, recorded=recorder is not None,
+            tuple(words), flags, recorded=recorder is not None, stopped_by=stop.signum,
+            timed_out=stop.timed_out,
         )  # fmt: skip
         if recorder is not None:
             recorder.record("invocation_completed", _completed_data(result, len(steps)), fsync=True)
             recorder.close()
     return result
+
+
+class _Stop:
+    """SIGTERM/SIGINT between pipelines skip the rest; `timeout` sends ourselves SIGTERM.
+
+    While a pipeline runs, execute() installs its own handlers (a graceful stop of that
+    pipeline) and puts these back afterwards, so a timeout stops the running pipeline as
+    `meltano run --timeout` does and then the loop sees the signal and skips the rest.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.signum: int | None = None
+        self.timed_out = False
+        self._previous: dict[int, Any] = {}
+        self._timer: Any = None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def _expire(self) -> None:
+        import signal
+
+        self.timed_out = True
+        self.signum = int(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.timeout is not None:
+            self._timer = threading.Timer(self.timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def restore(self) -> None:
+        import signal
+
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _name(step: blocks.Pipeline | blocks.Command) -> str:
@@ -365,6 +433,7 @@ def flags(
     state_id_suffix: str | None = None,
     state_strategy: str = "auto",
     run_id: str | None = None,
+    timeout: float | None = None,
 ) -> RunFlags:
     """RunFlags checked as `meltano run` checks them (a run id must be a UUID)."""
     from flext_meltano_context import ids
@@ -381,6 +450,7 @@ def flags(
         state_id_suffix=state_id_suffix or None,
         state_strategy=state_strategy,
         run_id=run_id.lower() if run_id else None,
+        timeout=timeout,
     )
 
 

@@ -224,3 +224,40 @@ def test_help_texts_the_review_found_wrong_read_right() -> None:
     assert "Standalone: the target's config" not in run
     for flag in ("MELTANO_RUN_FULL_REFRESH", "MELTANO_RUN_STATE_STRATEGY", "MELTANO_RUN_ID"):
         assert flag in run
+
+
+def test_timeout_stops_the_run_gracefully_and_exits_1_as_meltano_run(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from tests.test_pipeline_meltano import BIN
+
+    out, result_path = tmp_path / "out.jsonl", tmp_path / "r.json"
+    argv = [
+        str(BIN / "flext-context"), "run", "--tap-cmd", fake("tap_counter.py", "--hang"),
+        "--target-cmd", fake("target_collect.py", str(out)), "--state-out", str(tmp_path / "s"),
+        "--timeout", "2", "--log", str(tmp_path / "l.jsonl"), "--result-json", str(result_path),
+    ]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert 2 <= time.monotonic() - started < 60
+    assert "timed out after 2 s" in done.stderr
+    data = json.loads(result_path.read_text())
+    assert data["status"] == "aborted"
+    assert len(out.read_text().splitlines()) == 10  # what was relayed stayed delivered
+    assert json.loads((tmp_path / "s").read_text())["bookmarks"] == {"users": {"id": 10}}
+
+
+def test_without_a_timeout_the_same_run_is_not_stopped(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.test_pipeline_meltano import BIN
+
+    argv = [
+        str(BIN / "flext-context"), "run", "--tap-cmd", fake("tap_counter.py"),
+        "--target-cmd", fake("target_collect.py", str(tmp_path / "o")),
+        "--timeout", "60", "--log", str(tmp_path / "l.jsonl"),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
