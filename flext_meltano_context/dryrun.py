@@ -29,6 +29,10 @@ def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
             mapper = plan.plugins.get(mapping, {}).get("plugin", mapping)
             lines.append(f"   mapping {mapping} (mapper {mapper}), between tap and target")
         lines.append(f"   tap: {meltano} invoke {block.tap} --catalog <catalog> [--state <state>]")
+        for mapping in block.mappings:
+            lines.append(f"   mapper: {meltano} invoke {mapping} (its own process, piped)")
+        if block.mappings:
+            lines.append("   counted: as it leaves the tap, and again as it enters the target")
         lines.append(f"   target: {meltano} invoke {block.target}  (fed by the counting relay)")
         caps = set(plan.plugins.get(block.tap, {}).get("capabilities") or ())
         refresh = flags.refresh_catalog or flags.full_refresh
@@ -59,7 +63,12 @@ def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
                 else f"loaded from the Meltano state backend ({meltano} state get {sid})"
                 + ("" if not caps or "state" in caps else "; the tap lacks 'state': not passed")
             )
-            lines.append(f"   state: {source}; each state the target confirms is stored")
+            stored = (
+                "the last state the target confirms is stored when the pair ends"
+                if block.mappings
+                else "each state the target confirms is stored"
+            )
+            lines.append(f"   state: {source}; {stored}")
             if flags.state_strategy != "auto" or flags.full_refresh:
                 lines.append(f"   state strategy: {flags.state_strategy}")
         for command in block.commands:
