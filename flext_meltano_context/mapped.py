@@ -51,6 +51,8 @@ def run(
     progress: Callable[[str], Callable[[RelayProgress], None] | None] | None,
 ) -> Outcome:
     """Run the mapped pipeline; its Outcome carries the records per stream on both sides."""
+    from dataclasses import replace
+
     from flext_meltano_context import ids
     from flext_meltano_context.invocation import Outcome
     from flext_meltano_context.meltano import Meltano, find_meltano
@@ -79,6 +81,8 @@ def run(
         )
         if keep_state and sid is not None:
             _store_state(meltano, sid, work / "state_out.json", stored_before, spec, flags)
+        # The run loop saw commands and a state file; the user sees the Meltano pipeline.
+        result = replace(result, mode="meltano", state_id=sid if keep_state else None)
         tap_side = chain.side_counts(work / "tap-side.json")
         _record_both_sides(settings, result, step, tap_side, sid if keep_state else None)
         if tap_side is not None:
