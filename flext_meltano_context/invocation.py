@@ -2,9 +2,9 @@
 
 Each pipeline (tap/target pair with the command blocks right after it) is one `pipeline.execute()`
 with its own run id; a failure skips the rest. The invocation has one correlation id, handed to
-every pipeline through `FLEXT_CORRELATION_ID`, and, when it has more than one block, a record of
-its own in the lineage log (`invocation_started`/`invocation_completed`, the pipelines' run ids)
-that each pipeline names as its OpenLineage parent.
+every pipeline through `FLEXT_CORRELATION_ID`, and, when it has more than one block, a run of its
+own in the lineage log (`run_started`/`run_completed` with `invocation` and the child runs' ids),
+so `runs`, reports and OpenLineage show it; each pipeline names it as its OpenLineage parent.
 """
 
 from __future__ import annotations
@@ -157,17 +157,7 @@ def execute_plan(
         recorder = Recorder(
             settings.lineage_path, run_id=invocation_id, correlation_id=identity.correlation_id
         )
-        recorder.record(
-            "invocation_started",
-            {
-                "name": name,
-                "blocks": list(words),
-                "flags": _flags_data(flags),
-                "openlineage_parent": identity.openlineage_parent(),
-                "correlation_id": identity.correlation_id,
-            },
-            fsync=True,
-        )
+        recorder.record("run_started", _started_data(identity, name, words, flags, env), fsync=True)
     child_env = _child_env(base, identity, recorder is not None, flags)
     outcomes: list[Outcome] = []
     failed = False
@@ -197,7 +187,7 @@ def execute_plan(
             timed_out=stop.timed_out,
         )  # fmt: skip
         if recorder is not None:
-            recorder.record("invocation_completed", _completed_data(result, len(steps)), fsync=True)
+            recorder.record("run_completed", _completed_data(result, len(steps)), fsync=True)
             recorder.close()
     return result
 
@@ -267,13 +257,48 @@ def _flags_data(flags: RunFlags) -> dict[str, Any]:
     }
 
 
+def _started_data(
+    identity: runenv.RunIdentity,
+    name: str,
+    words: Sequence[str],
+    flags: RunFlags,
+    env: Mapping[str, str],
+) -> dict[str, Any]:
+    """The parent run's `run_started`: `runs`, reports and OpenLineage show it like any run."""
+    from flext_meltano_context.__about__ import __version__
+    from flext_meltano_context.lineage.ci import ci_context
+
+    return {
+        "pipeline": {
+            "name": name,
+            "mode": "meltano" if env.get("MELTANO_PROJECT_ROOT") else "standalone",
+            "transformers": [],
+            "state_id": None,
+        },
+        "invocation": {"blocks": list(words), "flags": _flags_data(flags)},
+        "parent_correlation_id": identity.parent_correlation_id,
+        "inherited_correlation_from": identity.inherited_from,
+        "openlineage_parent": identity.openlineage_parent(),
+        "ci": ci_context(env),
+        "flext_context_version": __version__,
+        "phase_run_ids": {},
+    }
+
+
 def _completed_data(result: InvocationResult, planned: int) -> dict[str, Any]:
+    """The parent run's `run_completed`: its status, totals and each child run."""
+    runs = [o.result for o in result.outcomes if o.result is not None]
+    error = result.error
     return {
         "status": result.status if len(result.outcomes) == planned else "aborted",
         "started_at": state.iso(result.started_at),
         "ended_at": state.iso(result.ended_at),
         "duration_s": round(result.ended_at - result.started_at, 3),
-        "blocks": [
+        "records": sum(run.records for run in runs),
+        "bytes": sum(run.bytes for run in runs),
+        "digest": None,
+        "error": str(error)[:2000] if error is not None else None,
+        "children": [
             {
                 "name": o.name,
                 "kind": o.kind,
@@ -283,7 +308,7 @@ def _completed_data(result: InvocationResult, planned: int) -> dict[str, Any]:
             }
             for o in result.outcomes
         ],
-        "pipeline_run_ids": [o.run_id for o in result.outcomes if o.run_id],
+        "child_run_ids": [o.run_id for o in result.outcomes if o.run_id],
     }
 
 

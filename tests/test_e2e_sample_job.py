@@ -94,8 +94,9 @@ def test_the_job_runs_both_pairs_with_one_correlation_id(job_runs: JobRuns) -> N
         "customers": (0, 2000),
     }
     assert second["streams"]["customers"]["landing"] in {"ok", "not checked"}
-    started = [r for r in lineage(job_runs.ours) if r["event"] == "run_started"]
-    assert {r["correlation_id"] for r in started} == {result["correlation_id"]}
+    parent, *started = [r for r in lineage(job_runs.ours) if r["event"] == "run_started"]
+    assert parent["run_id"] == result["invocation_id"]
+    assert {r["correlation_id"] for r in (parent, *started)} == {result["correlation_id"]}
     assert [r["run_id"] for r in started] == [first["run_id"], second["run_id"]]
 
 

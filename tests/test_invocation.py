@@ -117,7 +117,8 @@ def test_standalone_run_writes_a_valid_result_with_the_given_run_id_as_correlati
     started = [json.loads(x) for x in log.read_text().splitlines()]
     assert started[0]["correlation_id"] == given
     assert pipeline["run_id"] == started[0]["run_id"]
-    assert not any(e["event"] == "invocation_started" for e in started)  # one block: no parent
+    # One block: the pipeline is the invocation's only run, no parent run.
+    assert [e["run_id"] for e in started if e["event"] == "run_started"] == [pipeline["run_id"]]
 
 
 def test_a_failed_standalone_run_is_in_the_result_file_with_its_error(tmp_path: Path) -> None:

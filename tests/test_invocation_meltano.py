@@ -13,6 +13,7 @@ import pytest
 
 from flext_meltano_context import blocks
 from flext_meltano_context.errors import UsageError
+from flext_meltano_context.lineage.report import report_schema
 from flext_meltano_context.result import result_schema
 from tests.test_pipeline_meltano import events, meltano, project, stored_state, wrapper
 
@@ -157,18 +158,35 @@ def test_a_job_runs_each_pair_with_one_correlation_id_and_state_like_meltano_run
     names = [p["name"] for p in result["pipelines"]]
     assert names == ["tap-counter-to-target-collect", "tap-counter-to-target-other"]
     assert all(p["streams"]["users"]["records"] == 10 for p in result["pipelines"])
-    started = events(tmp_path, "run_started")
-    assert [e["correlation_id"] for e in started] == [given, given]
+    parent, *started = events(tmp_path, "run_started")
+    assert parent["run_id"] == result["invocation_id"]
+    assert parent["data"]["invocation"]["blocks"] == [
+        "tap-counter", "target-collect", "tap-counter", "target-other", "probe:run"
+    ]  # fmt: skip
+    assert [e["correlation_id"] for e in (parent, *started)] == [given, given, given]
     run_ids = [e["run_id"] for e in started]
     assert run_ids == [p["run_id"] for p in result["pipelines"]]
-    parent = events(tmp_path, "invocation_started")[0]
-    assert parent["run_id"] == result["invocation_id"]
     assert {e["data"]["openlineage_parent"]["run"]["runId"] for e in started} == {
         result["invocation_id"]
     }
-    closed = events(tmp_path, "invocation_completed")[0]["data"]
-    assert closed["pipeline_run_ids"] == run_ids
-    assert closed["status"] == "success"
+    closed = [e for e in events(tmp_path, "run_completed") if e["run_id"] == parent["run_id"]]
+    assert closed[0]["data"]["child_run_ids"] == run_ids
+    assert closed[0]["data"]["status"] == "success"
+    assert closed[0]["data"]["records"] == 20
+    # `runs` lists the parent and its children; the parent has a report like any run.
+    listed = meltano(root, "invoke", "flext-context", "runs", "--format", "json")
+    assert [r["run_id"] for r in json.loads(listed.stdout)][::-1] == [parent["run_id"], *run_ids]
+    report = meltano(root, "invoke", "flext-context", "report", parent["run_id"])
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["records"] == 20
+    jsonschema.validate(json.loads(report.stdout), report_schema())
+    lineage_events = meltano(
+        root, "invoke", "flext-context", "report", parent["run_id"], "--format", "openlineage"
+    )
+    assert [json.loads(x)["eventType"] for x in lineage_events.stdout.splitlines()] == [
+        "START",
+        "COMPLETE",
+    ]
     probe_env = json.loads((tmp_path / "probe.json").read_text())["env"]
     assert probe_env["FLEXT_CORRELATION_ID"] == given
     # `meltano run` on the same job, in a twin project, stores the same bookmarks per pair.
