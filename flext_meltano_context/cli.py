@@ -485,6 +485,12 @@ def _min_records(values: tuple[str, ...]) -> dict[str, int]:
     "successful run.",
     metavar="P",
 )
+@click.option(
+    "--pipeline",
+    default=None,
+    help="Check only this pipeline (its name, e.g. tap-x-to-target-y): its run within the "
+    "invocation checked, or its last run. An invocation's runs are otherwise checked each.",
+)
 @_LOG_OPTION
 @_exits
 def check(
@@ -494,39 +500,80 @@ def check(
     require_landed: bool,
     min_records: tuple[str, ...],
     max_drop_pct: float | None,
+    pipeline: str | None,
     log_path: Path | None,
 ) -> None:
-    """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule."""
+    """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule.
+
+    For an invocation of several pipelines (its parent run) the rules apply to each pipeline's
+    run, or to the one --pipeline names; --require-success also to the invocation itself.
+    """
     from flext_meltano_context.errors import UsageError
     from flext_meltano_context.lineage import gate
-    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+    from flext_meltano_context.lineage.report import build_report, resolve_run_id
 
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
     minimums = _min_records(min_records)
     path = _lineage_path(log_path)
-    data = build_report(run_records(path, resolve_run_id(path, run_id)))
-    previous = gate.previous_success(path, data) if max_drop_pct is not None else None
-    problems = gate.violations(
-        data,
-        require_success=require_success,
-        min_records=minimums,
-        max_drop_pct=max_drop_pct,
-        previous=previous,
-        require_landed=require_landed,
-    )
-    if max_drop_pct is not None and previous is None:
-        click.echo(
-            f"note: no earlier successful run of {data['pipeline']['name']!r}; "
-            "--max-drop-pct had nothing to compare with",
-            err=True,
+    runs, parent = _runs_to_check(path, resolve_run_id(path, run_id), pipeline, run_id is None)
+    problems: list[str] = []
+    if parent is not None and require_success and pipeline is None:
+        problems += gate.violations(build_report(parent), require_success=True)
+    passed = []
+    for records in runs:
+        data = build_report(records)
+        previous = gate.previous_success(path, data) if max_drop_pct is not None else None
+        found = gate.violations(
+            data,
+            require_success=require_success,
+            min_records=minimums,
+            max_drop_pct=max_drop_pct,
+            previous=previous,
+            require_landed=require_landed,
         )
+        name = data["pipeline"]["name"]
+        problems += [f"{name}: {problem}" if parent is not None else problem for problem in found]
+        if max_drop_pct is not None and previous is None:
+            click.echo(
+                f"note: no earlier successful run of {name!r}; "
+                "--max-drop-pct had nothing to compare with",
+                err=True,
+            )
+        compared = f"; compared with run {previous['run_id']}" if previous else ""
+        passed.append(f"run {data['run_id']} ({data['status']}){compared}")
     for problem in problems:
         click.echo(f"check failed: {problem}", err=True)
     if problems:
         sys.exit(1)
-    compared = f"; compared with run {previous['run_id']}" if previous else ""
-    click.echo(f"check passed: run {data['run_id']} ({data['status']}){compared}", err=True)
+    click.echo(f"check passed: {', '.join(passed)}", err=True)
+
+
+def _runs_to_check(
+    path: Path, run_id: str, pipeline: str | None, latest: bool
+) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]] | None]:
+    """The runs `check` applies its rules to, and the invocation's own records when a parent."""
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.lineage.report import build_report, list_runs, run_records
+
+    records = run_records(path, run_id)
+    children: list[str] = []
+    for record in records:
+        if record.get("event") == "run_completed":
+            children = [str(c) for c in (record.get("data") or {}).get("child_run_ids") or []]
+    if children:
+        runs = [run_records(path, child) for child in children]
+        if pipeline is not None:
+            runs = [r for r in runs if build_report(r)["pipeline"]["name"] == pipeline]
+            if not runs:
+                raise UsageError(f"invocation {run_id} ran no pipeline named {pipeline!r}")
+        return runs, records
+    if pipeline is not None and build_report(records)["pipeline"]["name"] != pipeline:
+        found = list_runs(path, pipeline=pipeline) if latest else []
+        if not found:
+            raise UsageError(f"no run of pipeline {pipeline!r} to check in {path}")
+        return [run_records(path, found[-1].run_id)], None
+    return [records], None
 
 
 @cli.command("relay")

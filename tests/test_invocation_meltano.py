@@ -10,8 +10,10 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]  # no stubs in the test extra
 import pytest
+from click.testing import CliRunner
 
 from flext_meltano_context import blocks
+from flext_meltano_context.cli import cli
 from flext_meltano_context.errors import UsageError
 from flext_meltano_context.lineage.report import report_schema
 from flext_meltano_context.result import result_schema
@@ -187,6 +189,25 @@ def test_a_job_runs_each_pair_with_one_correlation_id_and_state_like_meltano_run
         "START",
         "COMPLETE",
     ]
+    # `check` on the invocation applies the rules to each pipeline, or to the one named.
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    ok = CliRunner().invoke(cli, ["check", parent["run_id"], "--min-records", "users=10", *log])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.count("run ") == 2
+    bad = CliRunner().invoke(cli, ["check", "--require-success", "--min-records", "users=11", *log])
+    assert bad.exit_code == 1  # --last is the last child here: one pipeline's run
+    both = CliRunner().invoke(cli, ["check", parent["run_id"], "--min-records", "users=11", *log])
+    assert both.exit_code == 1
+    assert "tap-counter-to-target-collect:" in both.output
+    assert "tap-counter-to-target-other:" in both.output
+    one = CliRunner().invoke(
+        cli, ["check", parent["run_id"], "--pipeline", "tap-counter-to-target-other", *log]
+    )
+    assert one.exit_code == 0, one.output
+    assert run_ids[1] in one.output
+    assert run_ids[0] not in one.output
+    none = CliRunner().invoke(cli, ["check", parent["run_id"], "--pipeline", "nope", *log])
+    assert none.exit_code == 2
     probe_env = json.loads((tmp_path / "probe.json").read_text())["env"]
     assert probe_env["FLEXT_CORRELATION_ID"] == given
     # `meltano run` on the same job, in a twin project, stores the same bookmarks per pair.
