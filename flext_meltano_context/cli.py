@@ -250,10 +250,10 @@ def run(
     """
     import os
 
-    from flext_meltano_context import dryrun
+    from flext_meltano_context import dryrun, options
     from flext_meltano_context import invocation as runner
 
-    overrides = runner.setting_overrides(
+    overrides = options.setting_overrides(
         strict=strict,
         record_column=record_column,
         inject_state=inject_state,
@@ -262,7 +262,7 @@ def run(
         log_path=log_path,
         timeout=timeout,
     )
-    flags = runner.flags(
+    flags = options.flags(
         full_refresh=full_refresh,
         refresh_catalog=refresh_catalog,
         no_state_update=no_state_update,
@@ -276,7 +276,7 @@ def run(
     if tap_cmd is not None or target_cmd is not None:
         if blocks:
             raise_usage("give either plugin names or --tap-cmd/--target-cmd, not both")
-        steps = runner.standalone_steps(
+        steps = options.standalone_steps(
             tap_cmd, target_cmd, transform_cmd, state_in, state_out, flags, target_config
         )
         words: tuple[str, ...] = ()
@@ -289,7 +289,7 @@ def run(
                 "name the blocks to run: 'run TAP TARGET [PLUGIN:COMMAND ...]' or a job, or use "
                 "--tap-cmd/--target-cmd"
             )
-        plan, steps = runner.meltano_steps(blocks, env, flags, target_config)
+        plan, steps = options.meltano_steps(blocks, env, flags, target_config)
         words = plan.words
         text = dryrun.describe(plan, flags, env) if dry_run else None
     if dry_run:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from flext_meltano_context import blocks, state
 
 if TYPE_CHECKING:
-    from flext_meltano_context.invocation import RunFlags, Steps
+    from flext_meltano_context.invocation import RunFlags
+    from flext_meltano_context.options import Steps
 
 
 def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:

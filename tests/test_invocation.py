@@ -11,7 +11,7 @@ import jsonschema  # type: ignore[import-untyped]  # no stubs in the test extra
 import pytest
 from click.testing import CliRunner
 
-from flext_meltano_context import blocks, invocation, strategy
+from flext_meltano_context import blocks, options, strategy
 from flext_meltano_context.cli import cli
 from flext_meltano_context.errors import UsageError
 from flext_meltano_context.pipeline import Settings
@@ -33,16 +33,16 @@ def test_options_win_over_their_variables_and_unset_options_leave_them() -> None
         "FLEXT_CONTEXT_RECORD_COLUMN_STREAMS": "a",
         "FLEXT_CONTEXT_INJECT_STATE": "false",
     }
-    overrides = invocation.setting_overrides(
+    overrides = options.setting_overrides(
         strict=False, landing=False, grace_seconds=2.5, log_path=Path("x/l.jsonl")
     )
     settings = Settings.from_env({**env, **overrides})
     assert (settings.strict, settings.landing, settings.grace_seconds) == (False, False, 2.5)
     assert settings.lineage_path == Path("x/l.jsonl").absolute()
     assert settings.record_column_streams == frozenset({"a"})  # not given: the variable holds
-    kept = Settings.from_env({**env, **invocation.setting_overrides()})
+    kept = Settings.from_env({**env, **options.setting_overrides()})
     assert (kept.strict, kept.landing, kept.inject_state) == (True, True, False)
-    assert invocation.setting_overrides(timeout=9) == {"FLEXT_CONTEXT_TIMEOUT": "9"}
+    assert options.setting_overrides(timeout=9) == {"FLEXT_CONTEXT_TIMEOUT": "9"}
 
 
 @pytest.mark.parametrize(
