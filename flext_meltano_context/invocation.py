@@ -338,7 +338,7 @@ def _run_step(
         from flext_meltano_context import mapped
 
         return mapped.run(step, spec, env, settings, flags, progress)
-    if flags.refresh_catalog and not spec.standalone:
+    if (flags.refresh_catalog or spec.full_refresh) and not spec.standalone:  # as Meltano
         drop_catalog_cache(env, spec.tap)
     previous = strategy.stored_before(spec, env, flags)
     result = execute(
