@@ -10,7 +10,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -67,8 +67,8 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 )
 @click.option(
     "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default="INFO",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
     show_default=True,
     envvar="FLEXT_CONTEXT_LOG_LEVEL",
     help="Least severe log level shown.",
@@ -95,8 +95,14 @@ def main() -> None:
     cli(prog_name="flext-context")
 
 
+def _meltano_flag(name: str, envvar: str, text: str) -> Callable[[F], F]:
+    return click.option(
+        name, is_flag=True, default=False, envvar=envvar, show_envvar=True, help=text
+    )
+
+
 @cli.command(context_settings={"ignore_unknown_options": False})
-@click.argument("plugins", nargs=-1)
+@click.argument("blocks", nargs=-1)
 @click.option(
     "--tap-cmd", help="Standalone: the tap's command line (split like a shell, no shell)."
 )
@@ -117,104 +123,213 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Standalone: write each state the target confirms here (atomically).",
 )
-@click.option("--full-refresh", is_flag=True, help="Ignore stored state: extract everything.")
-@click.option("--state-id-suffix", help="Meltano: append this to the state id, as meltano run.")
-@click.option("--force", is_flag=True, help="Run even if another run holds the state lock.")
 @click.option(
-    "--target-config",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Standalone: the target's config, to count what landed (default: its --config).",
+    "--dry-run",
+    is_flag=True,
+    help="Resolve the blocks and print the plan (commands, state ids, where catalog and state "
+    "come from); start nothing.",
+)
+@_meltano_flag(
+    "--full-refresh", "MELTANO_RUN_FULL_REFRESH", "Ignore stored state: extract everything."
+)
+@_meltano_flag(
+    "--refresh-catalog",
+    "MELTANO_RUN_REFRESH_CATALOG",
+    "Drop the cached catalog so the tap's discovery runs again.",
+)
+@_meltano_flag(
+    "--no-state-update",
+    "MELTANO_RUN_NO_STATE_UPDATE",
+    "Run without state: none loaded, none stored (as meltano run).",
+)
+@click.option(
+    "--force",
+    "-f",
+    is_flag=True,
+    envvar="MELTANO_RUN_FORCE",
+    show_envvar=True,
+    help="Run even if another run holds the state lock.",
+)
+@click.option(
+    "--state-id-suffix",
+    envvar="MELTANO_RUN_STATE_ID_SUFFIX",
+    show_envvar=True,
+    help="Meltano: append this to each pipeline's state id, as meltano run.",
+)
+@click.option(
+    "--state-strategy",
+    type=click.Choice(["auto", "merge", "overwrite"]),
+    default="auto",
+    show_default=True,
+    envvar="MELTANO_RUN_STATE_STRATEGY",
+    show_envvar=True,
+    help="merge: merge the new state into the stored one; overwrite: replace it; auto: merge "
+    "only under --full-refresh (Meltano's state service rules).",
+)
+@click.option(
+    "--run-id",
+    metavar="UUID",
+    envvar="MELTANO_RUN_ID",
+    show_envvar=True,
+    help="The invocation's correlation id (a UUID), shared by every pipeline and child.",
 )
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    envvar="MELTANO_RUN_TIMEOUT",
+    show_envvar=True,
+    help="Stop the invocation gracefully after this many seconds, as meltano run (exit 1); "
+    "each pipeline also gets it as FLEXT_CONTEXT_TIMEOUT.",
+)
+@click.option(
+    "--strict/--no-strict",
     default=None,
-    help="Stop the run gracefully after SECONDS, as on SIGTERM, and exit 1 "
-    "(default: $FLEXT_CONTEXT_TIMEOUT, else $MELTANO_RUN_TIMEOUT).",
+    help="Fail on the first malformed Singer message (FLEXT_CONTEXT_STRICT).",
+)
+@click.option(
+    "--record-column",
+    "record_column",
+    metavar="STREAMS",
+    default=None,
+    help="Comma-separated streams (* for all) whose records get _sdc_correlation_id "
+    "(FLEXT_CONTEXT_RECORD_COLUMN_STREAMS).",
+)
+@click.option(
+    "--inject-state/--no-inject-state",
+    default=None,
+    help="Merge flext_context into the STATE messages the target sees "
+    "(FLEXT_CONTEXT_INJECT_STATE).",
+)
+@click.option(
+    "--landing/--no-landing",
+    default=None,
+    help="Count what landed in the destination after the load (FLEXT_CONTEXT_LANDING).",
+)
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How long a stopped child may take to finish (FLEXT_CONTEXT_GRACE_SECONDS).",
+)
+@click.option(
+    "--log",
+    "log_path",
+    metavar="PATH|URL",
+    default=None,
+    help="The lineage log or PostgreSQL store to append to (FLEXT_CONTEXT_LINEAGE_PATH).",
+)
+@click.option(
+    "--result-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the invocation's result (correlation id, run ids, status, records and landing "
+    "per pipeline) to this file as JSON.",
+)
+@click.option(
+    "--target-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The target's config, to count what landed (default: its --config, or Meltano's).",
 )
 @_exits
 def run(
-    plugins: tuple[str, ...],
+    blocks: tuple[str, ...],
     tap_cmd: str | None,
     target_cmd: str | None,
     transform_cmd: tuple[str, ...],
     state_in: Path | None,
     state_out: Path | None,
+    dry_run: bool,
     full_refresh: bool,
-    state_id_suffix: str | None,
+    refresh_catalog: bool,
+    no_state_update: bool,
     force: bool,
-    target_config: Path | None,
+    state_id_suffix: str | None,
+    state_strategy: str,
+    run_id: str | None,
     timeout: float | None,
+    strict: bool | None,
+    record_column: str | None,
+    inject_state: bool | None,
+    landing: bool | None,
+    grace_seconds: float | None,
+    log_path: str | None,
+    result_json: Path | None,
+    target_config: Path | None,
 ) -> None:
-    """Run TAP TARGET [TRANSFORMER:COMMAND ...] with one correlation id, counted and recorded.
+    """Run BLOCKS as `meltano run` does, each pipeline counted, with one correlation id.
 
     \b
-    Under Meltano:  meltano invoke flext-context run tap-x target-y [dbt-x:run]
+    BLOCKS: tap/target pairs, mappings between them, PLUGIN:COMMAND blocks and job names from
+    meltano.yml, left to right; a failure skips the rest.
+    \b
+    Under Meltano:  meltano invoke flext-context run tap-x target-y [dbt-x:run] [JOB ...]
     Standalone:     flext-context run --tap-cmd "tap-x -c c.json" --target-cmd "target-y"
-    Exit codes: 0 success, 1 a failed run, 2 bad usage (nothing started), 130/143 stopped by a
-    signal. A summary goes to stderr; the lineage log gets every event of the run.
+    Each option wins over its environment variable. Exit codes: 0 success, 1 a failed run, 2 bad
+    usage (nothing started), 130/143 stopped by a signal. A summary goes to stderr; the lineage
+    log gets every event of the run.
     """
-    import dataclasses
-    import shlex
+    import os
 
-    from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.pipeline import execute
-    from flext_meltano_context.progress import Progress, summary
-    from flext_meltano_context.spec import PipelineSpec, Settings, step_name
+    from flext_meltano_context import dryrun, options
+    from flext_meltano_context import invocation as runner
 
-    standalone = tap_cmd is not None or target_cmd is not None
-    if standalone:
-        if plugins:
-            raise UsageError("give either plugin names or --tap-cmd/--target-cmd, not both")
-        if tap_cmd is None or target_cmd is None:
-            raise UsageError("standalone mode needs both --tap-cmd and --target-cmd")
-        try:
-            tap_argv, target_argv = shlex.split(tap_cmd), shlex.split(target_cmd)
-            transforms = tuple(tuple(shlex.split(cmd)) for cmd in transform_cmd)
-        except ValueError as exc:
-            raise UsageError(f"cannot split a command line: {exc}") from exc
-        if not tap_argv or not target_argv:
-            raise UsageError("--tap-cmd and --target-cmd must not be empty")
-        spec = PipelineSpec(
-            tap=step_name(tap_argv),
-            target=step_name(target_argv),
-            tap_cmd=tuple(tap_argv),
-            target_cmd=tuple(target_argv),
-            transform_cmds=transforms,
-            state_in=state_in,
-            state_out=state_out,
-            full_refresh=full_refresh,
-            force=force,
-            target_config=target_config,
+    overrides = options.setting_overrides(
+        strict=strict,
+        record_column=record_column,
+        inject_state=inject_state,
+        landing=landing,
+        grace_seconds=grace_seconds,
+        log_path=log_path,
+        timeout=timeout,
+    )
+    flags = options.flags(
+        full_refresh=full_refresh,
+        refresh_catalog=refresh_catalog,
+        no_state_update=no_state_update,
+        force=force,
+        state_id_suffix=state_id_suffix,
+        state_strategy=state_strategy,
+        run_id=run_id,
+        timeout=timeout,
+    )
+    env = {**os.environ, **overrides}
+    if tap_cmd is not None or target_cmd is not None:
+        if blocks:
+            raise_usage("give either plugin names or --tap-cmd/--target-cmd, not both")
+        steps = options.standalone_steps(
+            tap_cmd, target_cmd, transform_cmd, state_in, state_out, flags, target_config
         )
+        words: tuple[str, ...] = ()
+        text = None
     else:
-        if len(plugins) < 2:
-            raise UsageError(
-                "name a tap and a target: 'run TAP TARGET [TRANSFORMER:COMMAND ...]', or use "
+        if state_in is not None or state_out is not None or transform_cmd:
+            raise_usage("--state, --state-out and --transform-cmd are for standalone mode")
+        if not blocks:
+            raise_usage(
+                "name the blocks to run: 'run TAP TARGET [PLUGIN:COMMAND ...]' or a job, or use "
                 "--tap-cmd/--target-cmd"
             )
-        if state_in is not None or state_out is not None or transform_cmd:
-            raise UsageError("--state, --state-out and --transform-cmd are for standalone mode")
-        spec = PipelineSpec(
-            tap=plugins[0],
-            target=plugins[1],
-            transformers=tuple(plugins[2:]),
-            full_refresh=full_refresh,
-            state_id_suffix=state_id_suffix,
-            force=force,
-            target_config=target_config,
-        )
-    settings = Settings.from_env()
-    if timeout is not None:
-        settings = dataclasses.replace(settings, timeout_seconds=timeout)
-    progress = Progress()
-    try:
-        result = execute(spec, progress=progress, settings=settings)
-    finally:
-        progress.finish()
-    click.echo("\n".join([summary(result), *result.notes()]), err=True)
-    if result.error is not None:
-        raise result.error
+        plan, steps = options.meltano_steps(blocks, env, flags, target_config)
+        words = plan.words
+        text = dryrun.describe(plan, flags, env) if dry_run else None
+    if dry_run:
+        click.echo(text if text is not None else dryrun.describe_standalone(steps))
+        return
+    result = runner.run_steps(steps, env=env, flags=flags, words=words)
+    if result_json is not None:
+        from flext_meltano_context import result as result_file
+
+        result_file.write(result, result_json)
+    error = result.error
+    if error is not None:
+        raise error
+
+
+def raise_usage(message: str) -> NoReturn:
+    from flext_meltano_context.errors import UsageError
+
+    raise UsageError(message)
 
 
 # --- lineage: runs, report, verify, check (issue 5) -------------------------------------------
@@ -348,7 +463,13 @@ def runs(
     show_default=True,
     help="openlineage: the run's RunEvents as JSON Lines.",
 )
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file (atomically) instead of stdout.",
+)
 @_LOG_OPTION
 @_exits
 def report(
@@ -490,7 +611,15 @@ def _min_records(values: tuple[str, ...]) -> dict[str, int]:
     "--max-drop-pct",
     type=click.FloatRange(min=0),
     default=None,
-    help="Fail when a stream has P%% fewer records than the pipeline's previous successful run.",
+    help="Fail when a stream has more than P percent fewer records than the pipeline's previous "
+    "successful run.",
+    metavar="P",
+)
+@click.option(
+    "--pipeline",
+    default=None,
+    help="Check only this pipeline (its name, e.g. tap-x-to-target-y): its run within the "
+    "invocation checked, or its last run. An invocation's runs are otherwise checked each.",
 )
 @_LOG_OPTION
 @_exits
@@ -502,40 +631,81 @@ def check(
     allow_unchecked: bool,
     min_records: tuple[str, ...],
     max_drop_pct: float | None,
+    pipeline: str | None,
     log_path: str | None,
 ) -> None:
-    """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule."""
+    """CI gate on one run: exit 0 when every rule holds, 1 with one line per violated rule.
+
+    For an invocation of several pipelines (its parent run) the rules apply to each pipeline's
+    run, or to the one --pipeline names; --require-success also to the invocation itself.
+    """
     from flext_meltano_context.errors import UsageError
     from flext_meltano_context.lineage import gate
-    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+    from flext_meltano_context.lineage.report import build_report, resolve_run_id
 
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
     minimums = _min_records(min_records)
     path = _open_lineage(log_path)
-    data = build_report(run_records(path, resolve_run_id(path, run_id)))
-    previous = gate.previous_success(path, data) if max_drop_pct is not None else None
-    problems = gate.violations(
-        data,
-        require_success=require_success,
-        min_records=minimums,
-        max_drop_pct=max_drop_pct,
-        previous=previous,
-        require_landed=require_landed,
-        allow_unchecked=allow_unchecked,
-    )
-    if max_drop_pct is not None and previous is None:
-        click.echo(
-            f"note: no earlier successful run of {data['pipeline']['name']!r}; "
-            "--max-drop-pct had nothing to compare with",
-            err=True,
+    runs, parent = _runs_to_check(path, resolve_run_id(path, run_id), pipeline, run_id is None)
+    problems: list[str] = []
+    if parent is not None and require_success and pipeline is None:
+        problems += gate.violations(build_report(parent), require_success=True)
+    passed = []
+    for records in runs:
+        data = build_report(records)
+        previous = gate.previous_success(path, data) if max_drop_pct is not None else None
+        found = gate.violations(
+            data,
+            require_success=require_success,
+            min_records=minimums,
+            max_drop_pct=max_drop_pct,
+            previous=previous,
+            require_landed=require_landed,
+            allow_unchecked=allow_unchecked,
         )
+        name = data["pipeline"]["name"]
+        problems += [f"{name}: {problem}" if parent is not None else problem for problem in found]
+        if max_drop_pct is not None and previous is None:
+            click.echo(
+                f"note: no earlier successful run of {name!r}; "
+                "--max-drop-pct had nothing to compare with",
+                err=True,
+            )
+        compared = f"; compared with run {previous['run_id']}" if previous else ""
+        passed.append(f"run {data['run_id']} ({data['status']}){compared}")
     for problem in problems:
         click.echo(f"check failed: {problem}", err=True)
     if problems:
         sys.exit(1)
-    compared = f"; compared with run {previous['run_id']}" if previous else ""
-    click.echo(f"check passed: run {data['run_id']} ({data['status']}){compared}", err=True)
+    click.echo(f"check passed: {', '.join(passed)}", err=True)
+
+
+def _runs_to_check(
+    path: LineageStore, run_id: str, pipeline: str | None, latest: bool
+) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]] | None]:
+    """The runs `check` applies its rules to, and the invocation's own records when a parent."""
+    from flext_meltano_context.errors import UsageError
+    from flext_meltano_context.lineage.report import build_report, list_runs, run_records
+
+    records = run_records(path, run_id)
+    children: list[str] = []
+    for record in records:
+        if record.get("event") == "run_completed":
+            children = [str(c) for c in (record.get("data") or {}).get("child_run_ids") or []]
+    if children:
+        runs = [run_records(path, child) for child in children]
+        if pipeline is not None:
+            runs = [r for r in runs if build_report(r)["pipeline"]["name"] == pipeline]
+            if not runs:
+                raise UsageError(f"invocation {run_id} ran no pipeline named {pipeline!r}")
+        return runs, records
+    if pipeline is not None and build_report(records)["pipeline"]["name"] != pipeline:
+        found = list_runs(path, pipeline=pipeline) if latest else []
+        if not found:
+            raise UsageError(f"no run of pipeline {pipeline!r} to check in {path}")
+        return [run_records(path, found[-1].run_id)], None
+    return [records], None
 
 
 @cli.command("relay")

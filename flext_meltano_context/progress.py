@@ -1,15 +1,17 @@
 """What the user sees while a run goes and when it ends, all on stderr (stdout is data).
 
-On a terminal, one live line (records and records/s per stream), redrawn at most 4 times a
-second; off a terminal, a structured `records_relayed` log event every 10 s; at the end a short
-summary: records per stream, phase durations, state, correlation id, where the lineage log is.
+On a terminal, a live panel per pipeline (rich, imported only there): per stream the records and
+records/s, the bytes and MB/s, what the run is doing, the elapsed time; redrawn at most 4 times a
+second and cleared at the end. Off a terminal, a structured `records_relayed` log event every
+10 s. At the end a short summary: records per stream, phase durations, state, correlation id,
+where the lineage log is.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -60,6 +62,97 @@ class Progress:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
             self._drawn = False
+
+
+class LiveProgress:
+    """The live panel of one pipeline on a terminal (rich's Live display, cleared at the end)."""
+
+    def __init__(
+        self, name: str, *, position: str = "", stream: TextIO | None = None, width: int = 100
+    ) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.name = name
+        self.position = position
+        self.started = time.monotonic()
+        self.last: RelayProgress | None = None
+        self.last_at: float | None = None
+        self.rates: dict[str, float] = {}
+        self._previous: tuple[float, dict[str, int]] | None = None
+        console = Console(file=stream or sys.stderr, width=width, force_terminal=True)
+        self.live = Live(
+            self,  # rendered through __rich__ at each refresh, also while no data comes
+            console=console,
+            refresh_per_second=4,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
+
+    def __call__(self, progress: RelayProgress) -> None:
+        now = time.monotonic()
+        if self._previous is not None and now - self._previous[0] >= 1.0:
+            took = now - self._previous[0]
+            self.rates = {
+                name: (count - self._previous[1].get(name, 0)) / took
+                for name, count in progress.records.items()
+            }
+            self._previous = (now, dict(progress.records))
+        elif self._previous is None:
+            self._previous = (now, dict(progress.records))
+        self.last, self.last_at = progress, now
+
+    def phase(self) -> str:
+        if self.last is None or self.last_at is None:
+            return "starting: discovery, catalog and state, then the tap's first bytes"
+        idle = time.monotonic() - self.last_at
+        if idle < 2.0:
+            return "extracting and loading"
+        return f"no new data for {idle:.0f} s: the tap is working or the target is flushing"
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        elapsed = time.monotonic() - self.started
+        title = Text(f"{self.position}{self.name}  {_clock(elapsed)}  {self.phase()}")
+        table = Table(expand=False, box=None, pad_edge=False)
+        for column in ("stream", "records", "records/s", "avg/s"):
+            table.add_column(column, justify="left" if column == "stream" else "right")
+        progress = self.last
+        if progress is not None:
+            spent = max(progress.elapsed, 1e-6)
+            for name, count in sorted(progress.records.items()):
+                rate = self.rates.get(name, count / spent)
+                table.add_row(name, f"{count:,}", f"{rate:,.0f}", f"{count / spent:,.0f}")
+            table.add_row(
+                "all",
+                f"{sum(progress.records.values()):,}",
+                f"{progress.lines:,} lines",
+                f"{progress.bytes / 1e6:,.1f} MB ({progress.bytes / 1e6 / spent:,.1f} MB/s)",
+            )
+        return Group(title, table)
+
+    def finish(self) -> None:
+        """Clear the panel so the summary starts on a clean screen."""
+        self.live.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{sec:02d}"
+
+
+def for_pipeline(name: str, *, position: str = "", stream: TextIO | None = None) -> Any:
+    """A LiveProgress on a terminal (rich imported only then), else the logging Progress."""
+    out = stream or sys.stderr
+    if out.isatty():
+        return LiveProgress(name, position=position, stream=out)
+    return Progress(out, tty=False)
 
 
 def summary(result: RunResult) -> str:
