@@ -328,3 +328,70 @@ def test_a_run_whose_helper_hangs_succeeds_through_meltano_commands(
     assert events(tmp_path, "run_completed")[-1]["data"]["status"] == "success"
     argv = json.loads((tmp_path / "tap.env").read_text())["argv"]
     assert "--catalog" in argv
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _start_run(root: Path, tmp_path: Path, **extra: str) -> subprocess.Popen[str]:
+    """`meltano invoke flext-context run tap-counter target-collect`, not waited for."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run", "tap-counter", "target-collect"]
+    return subprocess.Popen(
+        argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _hung_helper(pids: Path) -> tuple[int, int]:
+    """The hung helper's pid and its own child's, once the hang began."""
+    deadline = time.monotonic() + 120
+    while not (pids / "helper.pid").exists():
+        assert time.monotonic() < deadline, "the helper never hung"
+        time.sleep(0.05)
+    return int((pids / "helper.pid").read_text()), int((pids / "helper-child.pid").read_text())
+
+
+@real_meltano
+@pytest.mark.parametrize("op", ["prepare", "state_set"])
+def test_sigkill_to_flext_context_while_its_helper_hangs_leaves_no_helper_2_s_later(
+    tmp_path: Path, root: Path, op: str
+) -> None:
+    # `prepare` hangs in preflight, before the run's children; `state_set` in the persister,
+    # after the target confirmed a state. The helper's child stands for a tap's discovery.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start_run(
+        root,
+        tmp_path,
+        FLEXT_CONTEXT_MELTANO_HELPER=FAKE_HELPER,
+        FLEXT_CONTEXT_MELTANO_TIMEOUT="120",
+        FAKE_HELPER_HANG=op,
+        FAKE_HELPER_PID_DIR=str(pids),
+    )
+    try:
+        helper_pid, child_pid = _hung_helper(pids)
+        flext_context = _parent(helper_pid)
+        assert _alive(helper_pid)
+        assert _alive(child_pid)  # the control: both live while flext-context does
+        time.sleep(0.5)
+        assert _alive(helper_pid)
+        assert _alive(child_pid)
+        os.kill(flext_context, 9)
+        killed = time.monotonic()
+        while (_alive(helper_pid) or _alive(child_pid)) and time.monotonic() - killed < 2:
+            time.sleep(0.05)
+        assert not _alive(helper_pid), "the helper outlived flext-context"
+        assert not _alive(child_pid), "the helper's child outlived flext-context"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
