@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -395,3 +396,60 @@ def test_sigkill_to_flext_context_while_its_helper_hangs_leaves_no_helper_2_s_la
     finally:
         proc.kill()
         proc.communicate(timeout=60)
+
+
+GRACE = 2.0
+MARGIN = 4.0  # scheduling slack on a loaded 2-core machine
+
+
+@real_meltano
+@pytest.mark.parametrize("stop", ["sigterm", "none"])
+def test_a_store_hung_at_a_sigterm_is_given_up_at_the_deadline_and_said_so(
+    tmp_path: Path, root: Path, stop: str
+) -> None:
+    # The target confirmed its state; the helper hangs storing it. After a SIGTERM the wait for
+    # the store counts against the deadline: exit 143 within grace + 5 s, saying the state could
+    # not be stored. The control without a signal waits for the store's own timeout and then
+    # stores the state through `meltano state set`.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start_run(
+        root,
+        tmp_path,
+        FLEXT_CONTEXT_MELTANO_HELPER=FAKE_HELPER,
+        FLEXT_CONTEXT_MELTANO_TIMEOUT="120" if stop == "sigterm" else "4",
+        FLEXT_CONTEXT_GRACE_SECONDS=str(GRACE),
+        FAKE_HELPER_HANG="state_set",
+        FAKE_HELPER_PID_DIR=str(pids),
+    )
+    try:
+        helper_pid, _child = _hung_helper(pids)
+        hung_at = time.monotonic()
+        if stop == "sigterm":
+            os.kill(_parent(helper_pid), signal.SIGTERM)
+        _out, stderr = proc.communicate(timeout=180)
+        took = time.monotonic() - hung_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    state = stored_state(root, "dev:tap-counter-to-target-collect")
+    completed = events(tmp_path, "run_completed")[-1]["data"]
+    if stop == "none":
+        assert proc.returncode == 0, stderr
+        assert took >= 4  # the store's own timeout, not cut short
+        assert "did not answer 'state_set' within 4 s" in stderr
+        assert state["singer_state"]["bookmarks"] == {"users": {"id": 10}}
+        assert completed["status"] == "success"
+        return
+    assert proc.returncode == 143, stderr
+    assert took < GRACE + 5 + MARGIN, took
+    assert "the last confirmed state could not be stored before the deadline" in stderr
+    assert "the stored state is untouched" in stderr
+    assert "the last of" not in stderr  # no claim that the state is stored
+    assert "confirmed by the target, none stored; dev:tap-counter-to-target-collect" in stderr
+    assert completed["status"] == "aborted"
+    assert "could not be stored before the deadline" in completed["error"]
+    # Never past what the target confirmed: untouched, or at most the confirmed bookmark.
+    assert state.get("singer_state", {}).get("bookmarks") in (None, {"users": {"id": 10}})
+    assert not _alive(helper_pid)
