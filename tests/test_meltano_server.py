@@ -52,6 +52,8 @@ def make_project(tmp_path: Path, *, say: str | None = None) -> Path:
     tap = wrapper(bin_dir / "tap-counter", "tap_counter.py", "--env-out", str(tmp_path / "tap.env"))
     target = wrapper(bin_dir / "target-collect", "target_collect.py", str(out))
     says = wrapper(bin_dir / "target-says", "target_says.py", str(out), "--say", say or "{}")
+    (tmp_path / "block-pids").mkdir()
+    stubborn = wrapper(bin_dir / "stubborn", "block_stubborn.py", str(tmp_path / "block-pids"))
     (root / "meltano.yml").write_text(
         f"""
 default_environment: dev
@@ -75,6 +77,12 @@ plugins:
     namespace: target_says
     executable: {says}
   utilities:
+  - name: stubborn
+    namespace: stubborn
+    executable: {stubborn}
+    commands:
+      run:
+        args: ""
   - name: flext-context
     namespace: flext_context
     executable: {BIN / "flext-context"}
@@ -453,3 +461,45 @@ def test_a_store_hung_at_a_sigterm_is_given_up_at_the_deadline_and_said_so(
     # Never past what the target confirmed: untouched, or at most the confirmed bookmark.
     assert state.get("singer_state", {}).get("bookmarks") in (None, {"users": {"id": 10}})
     assert not _alive(helper_pid)
+
+
+@real_meltano
+def test_sigkill_during_a_meltano_mode_block_leaves_no_meltano_invoke_behind(
+    tmp_path: Path, root: Path
+) -> None:
+    # `stubborn:run` after the pair runs through `meltano invoke` (a process group of its own
+    # below flext-context) and ignores SIGTERM, as a dbt-like block may. The control: both the
+    # block and its `meltano invoke` are alive until flext-context is killed.
+    pids = tmp_path / "block-pids"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run"]
+    proc = subprocess.Popen(
+        [*argv, "tap-counter", "target-collect", "stubborn:run"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(pids.glob("block-*.pid")):
+            assert time.monotonic() < deadline, "the block never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the pid file is written before the block's first line
+        block = int(next(pids.glob("block-*.pid")).read_text())
+        invoke = _parent(block)  # `meltano invoke stubborn:run`
+        flext_context = _parent(invoke)
+        assert "meltano" in Path(f"/proc/{invoke}/cmdline").read_text()
+        assert _alive(block)
+        assert _alive(invoke)
+        os.kill(flext_context, signal.SIGKILL)
+        killed = time.monotonic()
+        while (_alive(block) or _alive(invoke)) and time.monotonic() - killed < 2:
+            time.sleep(0.05)
+        assert not _alive(block), "the block outlived flext-context"
+        assert not _alive(invoke), "meltano invoke outlived flext-context"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
