@@ -116,6 +116,15 @@ def _die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child die with the thread starting it; None off Linux.
+
+    For any process of the run that is not a `Child` (the Meltano helper, `meltano` commands):
+    the same protection, from the same rule (start it from a thread that outlives it).
+    """
+    return _die_with_parent if _PRCTL is not None else None
+
+
 def _load_prctl() -> Any:
     """libc's prctl, loaded once in the parent (never in the forked child), None off Linux."""
     if not sys.platform.startswith("linux"):
@@ -231,7 +240,7 @@ class Child:
                 env=dict(env),
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             raise UsageError(

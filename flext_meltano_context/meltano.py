@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 import structlog
 
+from flext_meltano_context.children import Watchdog, die_with_parent
 from flext_meltano_context.errors import FlextContextError, UsageError
 from flext_meltano_context.lineage.redact import redact_text
 from flext_meltano_context.meltano_server import REPLY
@@ -88,6 +89,10 @@ class StateServer:
     `meltano` commands. `prepare` falls back by itself: it then answers with the `meltano invoke`
     command line a run without the helper uses (discovery then runs in `--dump=catalog`, which
     gets DISCOVERY_TIMEOUT).
+
+    Like tap and target, it never outlives flext-context (issue 11): it gets SIGKILL when the
+    thread that started it ends (PR_SET_PDEATHSIG), and its process group (Meltano's own
+    children, a tap's discovery) is guarded by a watchdog that kills it when we are killed.
     """
 
     def __init__(
@@ -102,17 +107,24 @@ class StateServer:
         self._plugins: dict[str, PluginInfo | None] = {}
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self.database = _database(meltano)
-        self._proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(meltano.env),
-            cwd=meltano.project_root,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
+        self._watchdog = Watchdog()
+        try:
+            self._proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(meltano.env),
+                cwd=meltano.project_root,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+        except BaseException:
+            self._watchdog.close()
+            raise
+        self._watchdog.guard(self._proc.pid)
         self._readers = [
             threading.Thread(target=self._read_replies, name="meltano-helper-out", daemon=True),
             threading.Thread(target=self._read_stderr, name="meltano-helper-err", daemon=True),
@@ -261,8 +273,17 @@ class StateServer:
         }
 
     def close(self) -> None:
-        """End the helper (it releases what it prepared), bounded; then its scratch files."""
-        with self._lock:
+        """End the helper (it releases what it prepared), bounded; then its scratch files.
+
+        A request still waiting on another thread (the state persister, given up at the stop
+        deadline) has nobody waiting for its answer any more: the helper is killed at once
+        instead of waited for, so the run's exit keeps its deadline.
+        """
+        held = self._lock.acquire(blocking=False)
+        if not held:
+            self._kill()  # the waiting call sees the helper's end and fails at once
+            held = self._lock.acquire(timeout=5)  # it only joins the helper's readers
+        else:
             if self._proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     self._proc.stdin.close()
@@ -270,14 +291,21 @@ class StateServer:
                 self._proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 self._kill()
+        try:
             for reader in self._readers:
                 reader.join(timeout=2)
             for stream in (self._proc.stdout, self._proc.stderr):
                 if stream is not None:
-                    stream.close()
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.close()
             if self._scratch is not None:
                 self._scratch.cleanup()
                 self._scratch = None
+        finally:
+            if held:
+                self._lock.release()
+            self._watchdog.release(self._proc.pid)
+            self._watchdog.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +353,7 @@ class Meltano:
         nothing keeps the output pipes open after it.
         """
         bound = self.timeout if timeout is None else timeout
+        watchdog = Watchdog()  # it dies with us, its children (a tap's discovery) too
         try:
             proc = subprocess.Popen(
                 list(args),
@@ -334,28 +363,19 @@ class Meltano:
                 env=dict(self.env),
                 cwd=self.project_root,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
+            watchdog.close()
             raise UsageError(
                 f"cannot run Meltano ({self.executable!r}) for {what}: {exc.strerror}"
             ) from exc
+        watchdog.guard(proc.pid)
         try:
-            out, err = proc.communicate(timeout=bound)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            shown = _tail(err.decode("utf-8", "replace").splitlines())
-            raise FlextContextError(
-                f"meltano {what} did not finish within {bound:.0f} s{hint} (raise {TIMEOUT_ENV} "
-                f"if it is only slow); last stderr lines:\n  {shown}"
-            ) from None
-        if proc.returncode != 0:
-            shown = _tail(err.decode("utf-8", "replace").splitlines())
-            raise FlextContextError(
-                f"meltano {what} exited with {proc.returncode}; last stderr lines:\n  {shown}"
-            )
-        return out.decode("utf-8", "replace")
+            return _finished(proc, what, bound, hint)
+        finally:
+            watchdog.release(proc.pid)
+            watchdog.close()
 
     def _database_hint(self) -> str:
         return f"; Meltano's system database ({_database(self)}) may be locked or unreachable"
@@ -466,6 +486,27 @@ class Meltano:
             f"state set {state_id}",
             hint=self._database_hint(),
         )
+
+
+def _finished(proc: subprocess.Popen[bytes], what: str, bound: float, hint: str) -> str:
+    """Wait for a `meltano` command, bounded; its stdout, or an error with its stderr."""
+    try:
+        out, err = proc.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        shown = _tail(err.decode("utf-8", "replace").splitlines())
+        raise FlextContextError(
+            f"meltano {what} did not finish within {bound:.0f} s{hint} (raise {TIMEOUT_ENV} "
+            f"if it is only slow); last stderr lines:\n  {shown}"
+        ) from None
+    if proc.returncode != 0:
+        shown = _tail(err.decode("utf-8", "replace").splitlines())
+        raise FlextContextError(
+            f"meltano {what} exited with {proc.returncode}; last stderr lines:\n  {shown}"
+        )
+    return out.decode("utf-8", "replace")
 
 
 def plugin_infos(decoded: Any, names: Sequence[str]) -> dict[str, PluginInfo | None]:

@@ -61,6 +61,7 @@ class Outcome:
     states_confirmed: int = 0
     states_persisted: int = 0
     state_errors: tuple[str, ...] = ()  # storing a confirmed state failed
+    state_unstored: str | None = None  # why the last confirmed state is not stored (deadline)
     block_error: FlextContextError | None = None  # the first transformer block that failed
     lineage_error: str | None = None  # a lineage write failed; the run went on
 
@@ -153,6 +154,8 @@ def incomplete_read(name: str, target: Exit, delivery: Delivery) -> str:
 def _state_kept(outcome: Outcome) -> str:
     if not outcome.state_tracked:
         return "no state is kept for this run"
+    if outcome.state_unstored is not None:
+        return outcome.state_unstored
     if outcome.states_persisted:
         return f"the last of {outcome.states_confirmed} confirmed state(s) is stored"
     return "the target confirmed no state; the stored state is untouched"

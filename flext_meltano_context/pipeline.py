@@ -302,8 +302,8 @@ def _extract_load(
         tap_exit, target_exit = tap.child.wait(), target.child.wait()
         target.join_output()
     finally:
-        if persister is not None:
-            persister.finish()  # the last confirmed state is stored before anything is judged
+        if persister is not None:  # the last confirmed state is stored before anything is judged
+            persister.finish(stopper.wait_store)  # after a stop, within the deadline (issue 11)
     outcome = Outcome(
         tap_name=run.tap_name,
         target_name=run.target_name,
@@ -318,6 +318,7 @@ def _extract_load(
         states_confirmed=persister.confirmed if persister else target.states,
         states_persisted=persister.persisted if persister else 0,
         state_errors=tuple(persister.errors) if persister else (),
+        state_unstored=persister.unstored if persister else None,
     )
     return _Loaded(
         outcome,

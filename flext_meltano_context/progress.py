@@ -175,6 +175,11 @@ def summary(result: RunResult) -> str:
             f"  state: {result.confirmed_states} confirmed by the target, last one stored "
             f"under {result.state_id}"
         )
+    elif result.confirmed_states:  # confirmed, but the store failed or ran out of time
+        lines.append(
+            f"  state: {result.confirmed_states} confirmed by the target, none stored; "
+            f"{result.state_id} left untouched"
+        )
     else:
         lines.append(f"  state: the target confirmed none; {result.state_id} left untouched")
     if result.state_loaded_from:

@@ -18,6 +18,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +274,9 @@ class Persister:
     Runs on its own thread so a slow store (`meltano state set` costs a second) never stalls the
     target's stdout reader; `finish()` waits until the last confirmed state is stored. An empty
     state (`is_empty_state`) is never stored, in Meltano mode and with `--state-out` alike: it is
-    counted in `ignored_empty` for the lineage log.
+    counted in `ignored_empty` for the lineage log. After a stop request the wait for the store
+    counts against the run's deadline (issue 11): `finish(wait)` may give up, and then says so in
+    `unstored`; no state is stored after that, and none ever past what the target confirmed.
     """
 
     def __init__(self, write: Callable[[dict[str, Any]], None], identity: RunIdentity):
@@ -287,6 +290,10 @@ class Persister:
         self.ignored_empty = 0  # empty states the target printed, never persisted (issue 10)
         self.last_written_at: str | None = None
         self.errors: list[str] = []
+        self.unstored: str | None = None  # why the last confirmed state is not stored, if so
+        self._done = threading.Event()
+        self._gave_up = threading.Event()  # finish() stopped waiting: store nothing more
+        self._writing_since: float | None = None
         self._thread = threading.Thread(target=self._loop, name="state-persister", daemon=True)
         self._thread.start()
 
@@ -307,13 +314,20 @@ class Persister:
             self._cond.notify()
 
     def _loop(self) -> None:
+        try:
+            self._store_each()
+        finally:
+            self._done.set()
+
+    def _store_each(self) -> None:
         while True:
             with self._cond:
                 while self._pending is None and not self._closed:
                     self._cond.wait()
                 value, self._pending = self._pending, None
-                if value is None:
+                if value is None or self._gave_up.is_set():
                     return
+                self._writing_since = time.monotonic()
             written_at = utc_now()
             stamped = attach_context(
                 value,
@@ -324,14 +338,47 @@ class Persister:
             try:
                 self._write(stamped)
             except Exception as exc:  # noqa: BLE001 - reported as the run's error at the end
-                self.errors.append(str(exc))
+                with self._cond:
+                    if not self._gave_up.is_set():
+                        self.errors.append(str(exc))
+                        self.unstored = f"the last confirmed state could not be stored: {exc}"
                 log.error("state_persist_failed", error=str(exc)[:500])
                 continue
-            self.persisted += 1
-            self.last_written_at = written_at
+            with self._cond:
+                if self._gave_up.is_set():
+                    return  # too late to count: the run's outcome is already written
+                self.persisted += 1
+                self.last_written_at = written_at
+                self.unstored = None
+                self._writing_since = None
 
-    def finish(self) -> None:
+    def finish(self, wait: Callable[[threading.Event], bool] | None = None) -> bool:
+        """Wait until the last confirmed state is stored; False when `wait` gave up first.
+
+        `wait(done)` is the run's clock (`Stopper.wait_store`): unbounded until a stop request,
+        then bounded by the deadline. Giving up leaves the store's call to end on its own (the
+        Meltano helper is killed when the run releases it) and stores nothing more.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
+        if wait is None or wait(self._done):
+            self._thread.join()
+            return True
+        with self._cond:
+            self._gave_up.set()
+            busy = time.monotonic() - (self._writing_since or time.monotonic())
+            confirmed, persisted = self.confirmed, self.persisted
+        kept = (
+            f"the stored state is the last of the {persisted} stored before"
+            if persisted
+            else "the stored state is untouched"
+        )
+        self.unstored = (
+            "the last confirmed state could not be stored before the deadline: the state store "
+            f"had not answered after {busy:.1f} s (Meltano's system database may be locked or "
+            f"unreachable); {kept} ({confirmed} confirmed by the target)"
+        )
+        self.errors.append(self.unstored)
+        log.error("state_persist_given_up", reason=self.unstored)
+        return False

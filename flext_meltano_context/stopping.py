@@ -39,6 +39,9 @@ log = structlog.get_logger("flext_meltano_context.stopping")
 KILL_AFTER = 5.0  # after the deadline: SIGKILL what is left
 TAP_KILL_AFTER = 10.0  # a signalled tap gets at most this long (or the grace, if shorter)
 ORPHANED_TAP_KILL_AFTER = 5.0  # the target is gone: the tap has at most this long
+# After a stop request the wait for the state store ends this long before the last kill: time
+# to record the run's end and release the Meltano helper inside grace + 5 s.
+STORE_MARGIN = 1.0
 _TICK = 0.1  # how often the run loop looks at the clock while it waits
 
 
@@ -213,6 +216,22 @@ class Stopper:
                 return False
             done.wait(delay)
         self.tick()
+        return True
+
+    def wait_store(self, done: threading.Event) -> bool:
+        """Wait for the state store (`done`); after a stop request, only until the deadline.
+
+        Without one, each store call is bounded by its own timeout (`meltano_timeout`); with
+        one, the run's exit promise (grace + 5 s) bounds the wait too: False when it gave up.
+        """
+        while not done.is_set():
+            delay = self.tick()
+            if self.began is not None:
+                left = self.final_kill_at - STORE_MARGIN - self.clock()
+                if left <= 0:
+                    return done.is_set()
+                delay = min(delay, left)
+            done.wait(delay)
         return True
 
     def reap(self, child: Child) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def make_project(tmp_path: Path, *, say: str | None = None) -> Path:
     tap = wrapper(bin_dir / "tap-counter", "tap_counter.py", "--env-out", str(tmp_path / "tap.env"))
     target = wrapper(bin_dir / "target-collect", "target_collect.py", str(out))
     says = wrapper(bin_dir / "target-says", "target_says.py", str(out), "--say", say or "{}")
+    (tmp_path / "block-pids").mkdir()
+    stubborn = wrapper(bin_dir / "stubborn", "block_stubborn.py", str(tmp_path / "block-pids"))
     (root / "meltano.yml").write_text(
         f"""
 default_environment: dev
@@ -74,6 +77,12 @@ plugins:
     namespace: target_says
     executable: {says}
   utilities:
+  - name: stubborn
+    namespace: stubborn
+    executable: {stubborn}
+    commands:
+      run:
+        args: ""
   - name: flext-context
     namespace: flext_context
     executable: {BIN / "flext-context"}
@@ -328,3 +337,169 @@ def test_a_run_whose_helper_hangs_succeeds_through_meltano_commands(
     assert events(tmp_path, "run_completed")[-1]["data"]["status"] == "success"
     argv = json.loads((tmp_path / "tap.env").read_text())["argv"]
     assert "--catalog" in argv
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _start_run(root: Path, tmp_path: Path, **extra: str) -> subprocess.Popen[str]:
+    """`meltano invoke flext-context run tap-counter target-collect`, not waited for."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run", "tap-counter", "target-collect"]
+    return subprocess.Popen(
+        argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _hung_helper(pids: Path) -> tuple[int, int]:
+    """The hung helper's pid and its own child's, once the hang began."""
+    deadline = time.monotonic() + 120
+    while not (pids / "helper.pid").exists():
+        assert time.monotonic() < deadline, "the helper never hung"
+        time.sleep(0.05)
+    return int((pids / "helper.pid").read_text()), int((pids / "helper-child.pid").read_text())
+
+
+@real_meltano
+@pytest.mark.parametrize("op", ["prepare", "state_set"])
+def test_sigkill_to_flext_context_while_its_helper_hangs_leaves_no_helper_2_s_later(
+    tmp_path: Path, root: Path, op: str
+) -> None:
+    # `prepare` hangs in preflight, before the run's children; `state_set` in the persister,
+    # after the target confirmed a state. The helper's child stands for a tap's discovery.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start_run(
+        root,
+        tmp_path,
+        FLEXT_CONTEXT_MELTANO_HELPER=FAKE_HELPER,
+        FLEXT_CONTEXT_MELTANO_TIMEOUT="120",
+        FAKE_HELPER_HANG=op,
+        FAKE_HELPER_PID_DIR=str(pids),
+    )
+    try:
+        helper_pid, child_pid = _hung_helper(pids)
+        flext_context = _parent(helper_pid)
+        assert _alive(helper_pid)
+        assert _alive(child_pid)  # the control: both live while flext-context does
+        time.sleep(0.5)
+        assert _alive(helper_pid)
+        assert _alive(child_pid)
+        os.kill(flext_context, 9)
+        killed = time.monotonic()
+        while (_alive(helper_pid) or _alive(child_pid)) and time.monotonic() - killed < 2:
+            time.sleep(0.05)
+        assert not _alive(helper_pid), "the helper outlived flext-context"
+        assert not _alive(child_pid), "the helper's child outlived flext-context"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
+GRACE = 2.0
+MARGIN = 4.0  # scheduling slack on a loaded 2-core machine
+
+
+@real_meltano
+@pytest.mark.parametrize("stop", ["sigterm", "none"])
+def test_a_store_hung_at_a_sigterm_is_given_up_at_the_deadline_and_said_so(
+    tmp_path: Path, root: Path, stop: str
+) -> None:
+    # The target confirmed its state; the helper hangs storing it. After a SIGTERM the wait for
+    # the store counts against the deadline: exit 143 within grace + 5 s, saying the state could
+    # not be stored. The control without a signal waits for the store's own timeout and then
+    # stores the state through `meltano state set`.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = _start_run(
+        root,
+        tmp_path,
+        FLEXT_CONTEXT_MELTANO_HELPER=FAKE_HELPER,
+        FLEXT_CONTEXT_MELTANO_TIMEOUT="120" if stop == "sigterm" else "4",
+        FLEXT_CONTEXT_GRACE_SECONDS=str(GRACE),
+        FAKE_HELPER_HANG="state_set",
+        FAKE_HELPER_PID_DIR=str(pids),
+    )
+    try:
+        helper_pid, _child = _hung_helper(pids)
+        hung_at = time.monotonic()
+        if stop == "sigterm":
+            os.kill(_parent(helper_pid), signal.SIGTERM)
+        _out, stderr = proc.communicate(timeout=180)
+        took = time.monotonic() - hung_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    state = stored_state(root, "dev:tap-counter-to-target-collect")
+    completed = events(tmp_path, "run_completed")[-1]["data"]
+    if stop == "none":
+        assert proc.returncode == 0, stderr
+        assert took >= 4  # the store's own timeout, not cut short
+        assert "did not answer 'state_set' within 4 s" in stderr
+        assert state["singer_state"]["bookmarks"] == {"users": {"id": 10}}
+        assert completed["status"] == "success"
+        return
+    assert proc.returncode == 143, stderr
+    assert took < GRACE + 5 + MARGIN, took
+    assert "the last confirmed state could not be stored before the deadline" in stderr
+    assert "the stored state is untouched" in stderr
+    assert "the last of" not in stderr  # no claim that the state is stored
+    assert "confirmed by the target, none stored; dev:tap-counter-to-target-collect" in stderr
+    assert completed["status"] == "aborted"
+    assert "could not be stored before the deadline" in completed["error"]
+    # Never past what the target confirmed: untouched, or at most the confirmed bookmark.
+    assert state.get("singer_state", {}).get("bookmarks") in (None, {"users": {"id": 10}})
+    assert not _alive(helper_pid)
+
+
+@real_meltano
+def test_sigkill_during_a_meltano_mode_block_leaves_no_meltano_invoke_behind(
+    tmp_path: Path, root: Path
+) -> None:
+    # `stubborn:run` after the pair runs through `meltano invoke` (a process group of its own
+    # below flext-context) and ignores SIGTERM, as a dbt-like block may. The control: both the
+    # block and its `meltano invoke` are alive until flext-context is killed.
+    pids = tmp_path / "block-pids"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run"]
+    proc = subprocess.Popen(
+        [*argv, "tap-counter", "target-collect", "stubborn:run"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(pids.glob("block-*.pid")):
+            assert time.monotonic() < deadline, "the block never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the pid file is written before the block's first line
+        block = int(next(pids.glob("block-*.pid")).read_text())
+        invoke = _parent(block)  # `meltano invoke stubborn:run`
+        flext_context = _parent(invoke)
+        assert "meltano" in Path(f"/proc/{invoke}/cmdline").read_text()
+        assert _alive(block)
+        assert _alive(invoke)
+        os.kill(flext_context, signal.SIGKILL)
+        killed = time.monotonic()
+        while (_alive(block) or _alive(invoke)) and time.monotonic() - killed < 2:
+            time.sleep(0.05)
+        assert not _alive(block), "the block outlived flext-context"
+        assert not _alive(invoke), "meltano invoke outlived flext-context"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)

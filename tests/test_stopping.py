@@ -21,7 +21,8 @@ import pytest
 from flext_meltano_context import preflight, stopping
 from flext_meltano_context.lineage.log import LineageLogError
 from flext_meltano_context.pipeline import PipelineSpec, Settings, execute
-from flext_meltano_context.state import StateLock
+from flext_meltano_context.runenv import identity_from_env
+from flext_meltano_context.state import Persister, StateLock
 from tests.conftest import fake
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -419,3 +420,50 @@ def test_a_tap_without_a_reader_gets_at_most_5_s() -> None:
         assert not stopper.stopping  # a failure, not a stop: the run is not "aborted"
     finally:
         stopper.cleanup()
+
+
+def _slow_store(seconds: float) -> tuple[list[dict[str, Any]], threading.Event, Any]:
+    """A state store that answers after `seconds`, or at once when the event is set."""
+    written: list[dict[str, Any]] = []
+    answer = threading.Event()
+
+    def write(value: dict[str, Any]) -> None:
+        answer.wait(seconds)
+        written.append(value)
+
+    return written, answer, write
+
+
+@pytest.mark.parametrize(
+    ("stopped_ago", "store_takes", "stored"),
+    [(5.5, 30.0, False), (0.0, 0.3, True), (None, 0.3, True)],
+    ids=["hung-store-at-the-deadline", "store-in-time", "no-stop-no-bound"],
+)
+def test_after_a_stop_the_wait_for_the_store_counts_against_the_deadline(
+    stopped_ago: float | None, store_takes: float, stored: bool
+) -> None:
+    written, answer, write = _slow_store(store_takes)
+    persister = Persister(write, identity_from_env({}, job_name="tap-to-target"))
+    persister.offer({"bookmarks": {"users": {"id": 8}}})
+    stopper = stopping.Stopper(grace=1.0)  # the last kill 6 s after the stop request
+    if stopped_ago is not None:
+        stopper.began = stopper.clock() - stopped_ago
+    started = time.monotonic()
+    assert persister.finish(stopper.wait_store) is stored
+    took = time.monotonic() - started
+    if stored:
+        assert persister.persisted == 1
+        assert persister.unstored is None
+        assert written[0]["bookmarks"] == {"users": {"id": 8}}
+        return
+    # 6 - 5.5 - 1 (STORE_MARGIN) < 0: given up at once, and said so.
+    assert took < 1.0, took
+    assert persister.unstored is not None
+    assert persister.unstored.startswith(
+        "the last confirmed state could not be stored before the deadline: "
+    )
+    assert "the stored state is untouched (1 confirmed by the target)" in persister.unstored
+    assert persister.errors == [persister.unstored]
+    answer.set()  # the store answers late: nothing is counted or stored after giving up
+    time.sleep(0.2)
+    assert persister.persisted == 0
