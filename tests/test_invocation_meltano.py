@@ -305,3 +305,31 @@ def test_a_failing_mapper_fails_the_pipeline_and_leaves_state_untouched(tmp_path
     done = run(root, "tap-counter", "cat-it", "target-collect")
     assert done.returncode == 1
     assert stored_state(root, "dev:tap-counter-to-target-collect") == {}
+
+
+def test_install_options_install_through_meltano_first_and_only_install_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    root = job_project(tmp_path)
+    text = (root / "meltano.yml").read_text()
+    broken = "  - name: target-nowhere\n    namespace: target_nowhere\n"
+    broken += f"    pip_url: {tmp_path / 'no-such-package'}\n"
+    (root / "meltano.yml").write_text(text.replace("  mappers:\n", broken + "  mappers:\n", 1))
+    planned = run(root, "--dry-run", "--only-install", "both")
+    assert planned.returncode == 0, planned.stderr
+    assert "install: meltano --environment=dev run --only-install tap-counter" in planned.stdout
+    only = run(root, "--only-install", "tap-counter", "cat-it", "target-collect")
+    assert only.returncode == 0, only.stderr
+    assert "tap-counter" in only.stderr  # Meltano's own install messages, on stderr
+    assert not (tmp_path / "lineage.jsonl").exists()  # nothing ran
+    assert not (tmp_path / "out.jsonl").exists()
+    installed = run(root, "--install", "tap-counter", "target-collect")
+    assert installed.returncode == 0, installed.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10
+    # A real install that fails: as `meltano run`, Meltano says so and the blocks still run,
+    # so the pipeline fails on the plugin it could not install.
+    failing = run(root, "--install", "tap-counter", "target-nowhere")
+    assert failing.returncode != 0
+    assert "Installing loader 'target-nowhere'" in failing.stderr
+    assert "Installation failed" in failing.stderr
+    assert "cannot start target-nowhere" in failing.stderr
