@@ -505,7 +505,12 @@ def report(
     import json
 
     from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+    from flext_meltano_context.lineage.report import (
+        build_report,
+        child_records,
+        resolve_run_id,
+        run_records,
+    )
 
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
@@ -516,7 +521,7 @@ def report(
 
         text = "".join(json.dumps(event, sort_keys=True) + "\n" for event in run_events(records))
     else:
-        data = build_report(records)
+        data = build_report(records, child_records(path, records))
         if fmt == "json":
             text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         elif fmt == "markdown":

@@ -64,6 +64,16 @@ def job_project(tmp_path: Path) -> Path:
     return root
 
 
+def run_report(tmp_path: Path, run_id: str) -> Any:
+    """The JSON report of one run in the test's lineage log, checked against its schema."""
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    done = CliRunner().invoke(cli, ["report", run_id, *log], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    jsonschema.validate(report, report_schema())
+    return report
+
+
 def run(root: Path, *args: str, **env: str) -> Any:
     return meltano(root, "invoke", "flext-context", "run", *args, **env)
 
@@ -180,8 +190,29 @@ def test_a_job_runs_each_pair_with_one_correlation_id_and_state_like_meltano_run
     assert [r["run_id"] for r in json.loads(listed.stdout)][::-1] == [parent["run_id"], *run_ids]
     report = meltano(root, "invoke", "flext-context", "report", parent["run_id"])
     assert report.returncode == 0, report.stderr
-    assert json.loads(report.stdout)["records"] == 20
-    jsonschema.validate(json.loads(report.stdout), report_schema())
+    parent_report = json.loads(report.stdout)
+    assert parent_report["records"] == 20
+    jsonschema.validate(parent_report, report_schema())
+    children = parent_report["invocation"]["children"]
+    assert [(c["name"], c["run_id"], c["status"], c["records"]) for c in children] == [
+        ("tap-counter-to-target-collect", run_ids[0], "success", 10),
+        ("tap-counter-to-target-other", run_ids[1], "success", 10),
+    ]
+    assert all(c["duration_s"] > 0 for c in children)
+    assert [row["stream"] for c in children for row in c["landing"]] == ["users", "users"]
+    assert parent_report["invocation"]["blocks"][-1] == "probe:run"
+    assert parent_report["mapped"] is None
+    for fmt, marker in (("markdown", "### Invocation"), ("html", "<h2>Invocation</h2>")):
+        shown = meltano(
+            root, "invoke", "flext-context", "report", parent["run_id"], "--format", fmt
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert marker in shown.stdout
+        assert run_ids[0] in shown.stdout
+        assert run_ids[1] in shown.stdout
+        assert "tap-counter-to-target-other" in shown.stdout
+    child_report = json.loads(meltano(root, "invoke", "flext-context", "report", run_ids[0]).stdout)
+    assert child_report["invocation"] is None  # a child pipeline's own report: no table
     lineage_events = meltano(
         root, "invoke", "flext-context", "report", parent["run_id"], "--format", "openlineage"
     )
@@ -230,6 +261,15 @@ def test_a_failed_pair_skips_the_rest_as_meltano_run_does(tmp_path: Path) -> Non
     assert "target-broken" in result["pipelines"][0]["error"]
     assert result["pipelines"][1]["run_id"] is None
     assert not (tmp_path / "o.jsonl").exists()
+    shown = run_report(tmp_path, result["invocation_id"])
+    rows = [(c["status"], c["run_id"] is None) for c in shown["invocation"]["children"]]
+    assert rows == [("failed", False), ("skipped", True)]
+    assert "target-broken" in shown["invocation"]["children"][0]["error"]
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    markdown = CliRunner().invoke(
+        cli, ["report", result["invocation_id"], "--format", "markdown", *log]
+    )
+    assert "| tap-counter-to-target-other | - | ⏭️ skipped | - | - | - |" in markdown.output
     assert stored_state(root, "dev:tap-counter-to-target-other") == {}
 
 
@@ -287,6 +327,24 @@ def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_melt
     assert both["data"]["tap_side"] == {"users": 10}
     assert both["data"]["target_side"] == {"users": 5}
     assert both["run_id"] == pipeline["run_id"]
+    shown = run_report(tmp_path, pipeline["run_id"])
+    assert shown["mapped"] == {
+        "mappings": ["cat-it"],
+        "streams": [
+            {
+                "stream": "users",
+                "tap_records": 10,
+                "target_records": 5,
+                "change": "filtered: 5 fewer",
+            }
+        ],
+    }
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    markdown = CliRunner().invoke(cli, ["report", pipeline["run_id"], "--format", "markdown", *log])
+    assert "| users | 10 | 5 | filtered: 5 fewer |" in markdown.output
+    html = CliRunner().invoke(cli, ["report", pipeline["run_id"], "--format", "html", *log]).output
+    assert "<h2>Mapped by cat-it</h2>" in html
+    assert "<td>filtered: 5 fewer</td>" in html
     sid = "dev:tap-counter-to-target-collect"
     twin = job_project(tmp_path / "twin")
     assert meltano(twin, "run", "tap-counter", "cat-it", "target-collect").returncode == 0
