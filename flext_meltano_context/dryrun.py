@@ -65,12 +65,7 @@ def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
                 else f"loaded from the Meltano state backend ({meltano} state get {sid})"
                 + ("" if not caps or "state" in caps else "; the tap lacks 'state': not passed")
             )
-            stored = (
-                "the last state the target confirms is stored when the pair ends"
-                if block.mappings
-                else "each state the target confirms is stored"
-            )
-            lines.append(f"   state: {source}; {stored}")
+            lines.append(f"   state: {source}; each state the target confirms is stored")
             if flags.state_strategy != "auto" or flags.full_refresh:
                 lines.append(f"   state strategy: {flags.state_strategy}")
         for command in block.commands:

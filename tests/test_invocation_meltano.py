@@ -346,6 +346,12 @@ def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_melt
     assert "<h2>Mapped by cat-it</h2>" in html
     assert "<td>filtered: 5 fewer</td>" in html
     sid = "dev:tap-counter-to-target-collect"
+    (started,) = events(tmp_path, "run_started")
+    assert started["data"]["pipeline"]["mode"] == "meltano"  # in the log itself, not only result
+    assert started["data"]["pipeline"]["state_id"] == sid
+    (persisted,) = events(tmp_path, "state_persisted")
+    assert persisted["data"]["state_id"] == sid
+    assert persisted["data"]["confirmed_states"] >= 1
     twin = job_project(tmp_path / "twin")
     assert meltano(twin, "run", "tap-counter", "cat-it", "target-collect").returncode == 0
     ours, theirs = stored_state(root, sid)["singer_state"], stored_state(twin, sid)["singer_state"]
@@ -355,6 +361,25 @@ def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_melt
     argv = json.loads((tmp_path / "tap.env").read_text())["argv"]
     assert "--state" in argv  # the second run resumed from the stored state
     assert stored_state(root, sid)["singer_state"]["bookmarks"] == {"users": {"id": 20}}
+
+
+def test_a_mapped_pair_stores_each_confirmed_state_so_a_target_crash_keeps_it_as_meltano_run(
+    tmp_path: Path,
+) -> None:
+    root = job_project(tmp_path)
+    twin = job_project(tmp_path / "twin")
+    sid = "dev:tap-counter-to-target-broken"
+    done = run(root, "tap-counter", "cat-it", "target-broken")
+    assert done.returncode == 1
+    theirs = meltano(twin, "run", "tap-counter", "cat-it", "target-broken")
+    assert theirs.returncode != 0
+    ours = stored_state(root, sid)["singer_state"]
+    assert ours["bookmarks"] == stored_state(twin, sid)["singer_state"]["bookmarks"]
+    assert ours["bookmarks"]["users"]["id"] < 10  # confirmed before the crash, not the tap's last
+    (started,) = events(tmp_path, "run_started")
+    assert ours["flext_context"]["run_id"] == started["run_id"]
+    (persisted,) = events(tmp_path, "state_persisted")
+    assert persisted["data"]["state_id"] == sid
 
 
 def test_a_failing_mapper_fails_the_pipeline_and_leaves_state_untouched(tmp_path: Path) -> None:
