@@ -382,6 +382,42 @@ def test_a_mapped_pair_stores_each_confirmed_state_so_a_target_crash_keeps_it_as
     assert persisted["data"]["state_id"] == sid
 
 
+def test_a_mapped_pair_stores_a_confirmed_state_while_the_pair_still_runs(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_pipeline_meltano import BIN
+
+    root = job_project(tmp_path)
+    out = tmp_path / "out.jsonl"
+    wrapper(tmp_path / "bin" / "target-collect", "target_collect.py", str(out), "--slow", "2")
+    sid = "dev:tap-counter-to-target-collect"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run"]
+    proc = subprocess.Popen(
+        [*argv, "tap-counter", "cat-it", "target-collect"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stored: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while not stored and proc.poll() is None and time.monotonic() < deadline:
+            stored = stored_state(root, sid)
+        running = proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no end of the pair to store anything at
+        proc.wait()
+    assert running  # the state was stored while the target was still loading
+    assert 0 < stored["singer_state"]["bookmarks"]["users"]["id"] < 10
+    lines = len(out.read_text().splitlines())
+    assert lines < 5  # the target had not taken every record yet
+    assert stored_state(root, sid) == stored  # what was confirmed stays after the crash
+
+
 def test_a_failing_mapper_fails_the_pipeline_and_leaves_state_untouched(tmp_path: Path) -> None:
     root = job_project(tmp_path)
     wrapper(tmp_path / "bin" / "mapper-cat", "mapper_filter.py", "--keep-every", "0")  # crashes
