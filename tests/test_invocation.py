@@ -302,3 +302,32 @@ def test_install_options_become_meltanos_own_install_run_and_the_last_one_wins(
     )  # fmt: skip
     assert refused.exit_code == 2
     assert "--only-install is for Meltano mode" in refused.output
+
+
+def test_the_report_names_what_a_mapper_did_to_each_stream() -> None:
+    from flext_meltano_context.lineage.report import _mapped
+
+    shown = _mapped(
+        {
+            "mappings": ["m"],
+            "tap_side": {"kept": 3, "cut": 5, "split": 2, "gone": 4},
+            "target_side": {"kept": 3, "cut": 1, "split": 6, "new": 2},
+        }
+    )
+    changes = {row["stream"]: row["change"] for row in shown["streams"]}
+    assert changes == {
+        "cut": "filtered: 4 fewer",
+        "gone": "dropped by the mapper",
+        "kept": "unchanged",
+        "new": "made by the mapper",
+        "split": "split: 4 more",
+    }
+    unseen = _mapped({"mappings": ["m"], "tap_side": None, "target_side": {"a": 1}})
+    assert unseen["streams"] == [
+        {
+            "stream": "a",
+            "tap_records": None,
+            "target_records": 1,
+            "change": "not counted at the tap",
+        }
+    ]
