@@ -183,6 +183,26 @@ def _meltano_flag(name: str, envvar: str, text: str) -> Callable[[F], F]:
     "each pipeline also gets it as FLEXT_CONTEXT_TIMEOUT.",
 )
 @click.option(
+    "--install",
+    "install",
+    flag_value="install",
+    default=None,
+    help="Meltano: install the plugins the blocks name that are missing or changed, before "
+    "anything runs (as meltano run; Meltano 4.4 reads no variable for this).",
+)
+@click.option(
+    "--no-install",
+    "install",
+    flag_value="no_install",
+    help="Meltano: install nothing; the plugins must be installed (the default here).",
+)
+@click.option(
+    "--only-install",
+    "install",
+    flag_value="only_install",
+    help="Meltano: (re)install the plugins the blocks name, then exit 0 without running.",
+)
+@click.option(
     "--strict/--no-strict",
     default=None,
     help="Fail on the first malformed Singer message (FLEXT_CONTEXT_STRICT).",
@@ -248,6 +268,7 @@ def run(
     state_strategy: str,
     run_id: str | None,
     timeout: float | None,
+    install: str | None,
     strict: bool | None,
     record_column: str | None,
     inject_state: bool | None,
@@ -292,6 +313,7 @@ def run(
         state_strategy=state_strategy,
         run_id=run_id,
         timeout=timeout,
+        install=install,
     )
     env = {**os.environ, **overrides}
     if tap_cmd is not None or target_cmd is not None:
@@ -316,6 +338,10 @@ def run(
     if dry_run:
         click.echo(text if text is not None else dryrun.describe_standalone(steps))
         return
+    if words and flags.install is not None:
+        options.install(plan, env, flags.install)
+        if flags.install == "only_install":
+            return
     result = runner.run_steps(steps, env=env, flags=flags, words=words)
     if result_json is not None:
         from flext_meltano_context import result as result_file
@@ -479,7 +505,12 @@ def report(
     import json
 
     from flext_meltano_context.errors import UsageError
-    from flext_meltano_context.lineage.report import build_report, resolve_run_id, run_records
+    from flext_meltano_context.lineage.report import (
+        build_report,
+        child_records,
+        resolve_run_id,
+        run_records,
+    )
 
     if run_id and last:
         raise UsageError("give a RUN_ID or --last, not both")
@@ -490,7 +521,7 @@ def report(
 
         text = "".join(json.dumps(event, sort_keys=True) + "\n" for event in run_events(records))
     else:
-        data = build_report(records)
+        data = build_report(records, child_records(path, records))
         if fmt == "json":
             text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         elif fmt == "markdown":

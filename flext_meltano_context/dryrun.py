@@ -20,6 +20,7 @@ def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
         lines.append(f"job {job}: {' '.join(tasks)}")
     environment = plan.environment
     meltano = "meltano" + (f" --environment={environment}" if environment else "")
+    lines.append(_install_line(plan, flags, meltano))
     for number, block in enumerate(plan.blocks, 1):
         if isinstance(block, blocks.Command):
             lines.append(f"{number}. command {block.block}")
@@ -64,17 +65,26 @@ def describe(plan: blocks.Plan, flags: RunFlags, env: Mapping[str, str]) -> str:
                 else f"loaded from the Meltano state backend ({meltano} state get {sid})"
                 + ("" if not caps or "state" in caps else "; the tap lacks 'state': not passed")
             )
-            stored = (
-                "the last state the target confirms is stored when the pair ends"
-                if block.mappings
-                else "each state the target confirms is stored"
-            )
-            lines.append(f"   state: {source}; {stored}")
+            lines.append(f"   state: {source}; each state the target confirms is stored")
             if flags.state_strategy != "auto" or flags.full_refresh:
                 lines.append(f"   state strategy: {flags.state_strategy}")
         for command in block.commands:
             lines.append(f"   then: {meltano} invoke {command} (after a successful load)")
     return "\n".join(line for line in lines if line)
+
+
+def _install_line(plan: blocks.Plan, flags: RunFlags, meltano: str) -> str:
+    """What is installed before the blocks run (--install, --no-install, --only-install)."""
+    words = " ".join(plan.words)
+    if flags.install == "install":
+        return (
+            f"install: first {meltano} run --dry-run --install {words} (installs what is missing "
+            "or changed, starts no block)"
+        )
+    if flags.install == "only_install":
+        return f"install: {meltano} run --only-install {words}, then exit 0 (no block runs)"
+    why = "--no-install" if flags.install == "no_install" else "no --install given"
+    return f"install: nothing ({why}): the plugins must be installed"
 
 
 def describe_standalone(steps: Steps) -> str:

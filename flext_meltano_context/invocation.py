@@ -45,6 +45,8 @@ class RunFlags:
     state_strategy: str = "auto"
     run_id: str | None = None  # becomes the invocation's correlation id
     timeout: float | None = None  # seconds for the whole invocation, as `meltano run --timeout`
+    # --install / --no-install / --only-install; None when none was given (see options.install)
+    install: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +248,7 @@ def _flags_data(flags: RunFlags) -> dict[str, Any]:
         "force": flags.force,
         "state_id_suffix": flags.state_id_suffix,
         "state_strategy": flags.state_strategy,
+        "install": flags.install,
     }
 
 

@@ -5,8 +5,9 @@ process per mapping as `meltano run`), the target is `meltano invoke TARGET`; bo
 execute() as commands, through small wrapper scripts named after the plugins so the run is
 recorded under their names. What Meltano mode does in preflight is done here for this case: the
 state lock, the catalog (discovery with the project's rules), the stored state (the tap gets
-`--state` when it declares the capability), and afterwards the last state the target confirmed is
-stored under `meltano run`'s state id (mapping names are not part of it, as in Meltano). Records
+`--state` when it declares the capability); the run loop's Persister stores each state the target
+confirms as it confirms it under `meltano run`'s state id (mapping names are not part of it, as in
+Meltano), and the lineage log records the run in mode `meltano` with that id. Records
 are counted on both sides: leaving the tap (the chain's relay) and entering the target.
 """
 
@@ -51,8 +52,6 @@ def run(
     progress: Callable[[str], Callable[[RelayProgress], None] | None] | None,
 ) -> Outcome:
     """Run the mapped pipeline; its Outcome carries the records per stream on both sides."""
-    from dataclasses import replace
-
     from flext_meltano_context import ids
     from flext_meltano_context.invocation import Outcome
     from flext_meltano_context.meltano import Meltano, find_meltano
@@ -76,13 +75,9 @@ def run(
                 correlation_id=env.get("FLEXT_CORRELATION_ID", work.name),
                 force=spec.force,
             )
-        result, stored_before = _execute(
+        result = _execute(
             step, spec, env, settings, flags, progress, meltano, work, sid if keep_state else None
         )
-        if keep_state and sid is not None:
-            _store_state(meltano, sid, work / "state_out.json", stored_before, spec, flags)
-        # The run loop saw commands and a state file; the user sees the Meltano pipeline.
-        result = replace(result, mode="meltano", state_id=sid if keep_state else None)
         tap_side = chain.side_counts(work / "tap-side.json")
         _record_both_sides(settings, result, step, tap_side, sid if keep_state else None)
         if tap_side is not None:
@@ -115,12 +110,13 @@ def _execute(
     meltano: Meltano,
     work: Path,
     sid: str | None,
-) -> tuple[RunResult, dict[str, Any] | None]:
+) -> RunResult:
     from dataclasses import replace
 
     from flext_meltano_context.invocation import drop_catalog_cache
     from flext_meltano_context.meltano import plugin_infos
     from flext_meltano_context.pipeline import execute
+    from flext_meltano_context.spec import MeltanoState
     from flext_meltano_context.strategy import merge_wanted
 
     info = meltano.plugin_info([spec.tap]) or plugin_infos({}, [spec.tap])
@@ -155,45 +151,42 @@ def _execute(
         fd = os.open(target_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(meltano.dump_config(spec.target), out)
+    kept = MeltanoState(None, None, None)  # the run is recorded in mode meltano, stateless
+    if sid is not None:
+        previous = (stored or {}) if merge_wanted(spec, flags) else None
+        resumed = state.loaded(stored) if stored and not spec.full_refresh else None
+        kept = MeltanoState(sid, resumed, _state_writer(meltano, sid, previous))
     mapped_spec = replace(
         spec,
         tap_cmd=(_script(work / spec.tap, tap_cmd),),
         target_cmd=(_script(work / spec.target, meltano.invoke_argv(spec.target)),),
         transformers=(),
         transform_cmds=tuple(tuple(meltano.invoke_argv(block)) for block in spec.transformers),
-        state_out=work / "state_out.json" if sid is not None else None,
+        state_out=None,
         state_in=None,
         state_id_suffix=None,
         target_config=target_config,
+        meltano_state=kept,
     )
-    result = execute(
+    return execute(
         mapped_spec,
         environ=env,
         settings=settings,
         progress=progress(step.name) if progress else None,
     )
-    previous = (stored or {}) if merge_wanted(spec, flags) else None
-    return result, previous
 
 
-def _store_state(
-    meltano: Meltano,
-    sid: str,
-    state_out: Path,
-    previous: Mapping[str, Any] | None,
-    spec: PipelineSpec,
-    flags: RunFlags,
-) -> None:
-    """Store the last state the target confirmed (merged when the strategy merges)."""
+def _state_writer(
+    meltano: Meltano, sid: str, previous: Mapping[str, Any] | None
+) -> Callable[[dict[str, Any]], None]:
+    """Stores each state the target confirms under `sid`, as the run loop's Persister offers it
+    (empty ones never reach it), merged into the earlier one when the strategy merges."""
     from flext_meltano_context.strategy import deep_merge
 
-    try:
-        value = json.loads(state_out.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return  # the target confirmed no state: the stored one stays
-    if not isinstance(value, dict) or not value:
-        return  # as Meltano: an empty state is never stored
-    meltano.state_set(sid, deep_merge(previous, value) if previous is not None else value)
+    def write(value: dict[str, Any]) -> None:
+        meltano.state_set(sid, deep_merge(previous, value) if previous is not None else value)
+
+    return write
 
 
 def _record_both_sides(

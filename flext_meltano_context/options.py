@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from flext_meltano_context.pipeline import PipelineSpec
 
 STRATEGIES = ("auto", "merge", "overwrite")
+INSTALL_MODES = ("install", "no_install", "only_install")
 
 
 def spec_for(pipeline: blocks.Pipeline, flags: RunFlags, plan: blocks.Plan) -> PipelineSpec:
@@ -78,6 +79,7 @@ def flags(
     state_strategy: str = "auto",
     run_id: str | None = None,
     timeout: float | None = None,
+    install: str | None = None,
 ) -> RunFlags:
     """RunFlags checked as `meltano run` checks them (a run id must be a UUID)."""
     from flext_meltano_context import ids
@@ -86,6 +88,8 @@ def flags(
         raise UsageError(f"--run-id / MELTANO_RUN_ID must be a UUID, got {run_id[:40]!r}")
     if state_strategy not in STRATEGIES:
         raise UsageError(f"--state-strategy must be one of {', '.join(STRATEGIES)}")
+    if install is not None and install not in INSTALL_MODES:
+        raise UsageError(f"the install mode must be one of {', '.join(INSTALL_MODES)}")
     return RunFlags(
         full_refresh=full_refresh,
         refresh_catalog=refresh_catalog,
@@ -95,6 +99,7 @@ def flags(
         state_strategy=state_strategy,
         run_id=run_id.lower() if run_id else None,
         timeout=timeout,
+        install=install,
     )
 
 
@@ -121,6 +126,8 @@ def standalone_steps(
         "--state-id-suffix": run.state_id_suffix is not None,
         "--refresh-catalog": run.refresh_catalog,
         "--state-strategy": run.state_strategy != "auto",
+        "--install": run.install == "install",
+        "--only-install": run.install == "only_install",
     }
     for option, given in meltano_only.items():
         if given:
@@ -172,3 +179,51 @@ def meltano_steps(
         else:
             steps.append((block, None))
     return plan, steps
+
+
+def install_argv(plan: blocks.Plan, env: Mapping[str, str], mode: str) -> list[str] | None:
+    """The `meltano run` that installs the plugins the blocks name, as `meltano run` would.
+
+    Meltano's own code path, so the same plugins and the same rules: `--install` installs what
+    is missing or whose pip_url changed (Meltano's AUTO reason) and then only prints the plan
+    (`--dry-run`: no block starts); `--only-install` (re)installs them all and exits. None for
+    `--no-install`, or when no install option was given: the plugins must be installed already.
+    """
+    from flext_meltano_context.meltano import find_meltano
+
+    if mode not in {"install", "only_install"}:
+        return None
+    head = [find_meltano(env), "--log-level=info"]
+    if plan.environment:
+        head.append(f"--environment={plan.environment}")
+    action = ["--dry-run", "--install"] if mode == "install" else ["--only-install"]
+    return [*head, "run", *action, *plan.words]
+
+
+def install(plan: blocks.Plan, env: Mapping[str, str], mode: str) -> None:
+    """Install the plugins before anything runs, through `meltano run` itself.
+
+    As in `meltano run`, a plugin that fails to install is reported and the blocks still run
+    (Meltano goes on; the block then fails on it); only Meltano failing outright stops here.
+    """
+    import subprocess
+    import sys
+
+    from flext_meltano_context.errors import FlextContextError
+
+    argv = install_argv(plan, env, mode)
+    if argv is None:
+        return
+    done = subprocess.run(
+        argv,
+        env=dict(env),
+        cwd=env["MELTANO_PROJECT_ROOT"],
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr.fileno(),  # stdout is data: Meltano's messages go to stderr, live
+        check=False,
+    )
+    if done.returncode != 0:
+        raise FlextContextError(
+            f"installing the plugins failed: 'meltano {' '.join(argv[2:6])} ...' exited with "
+            f"{done.returncode}; Meltano's messages above say why (or run with --no-install)"
+        )

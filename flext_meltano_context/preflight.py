@@ -60,6 +60,17 @@ def prepare_standalone(spec: PipelineSpec) -> Prepared:
         loaded = state.read_state_file(spec.state_in)
     out = spec.state_out
     write = (lambda value: state.write_json_atomic(out, value)) if out is not None else None
+    if spec.meltano_state is not None:  # a mapped pair: commands, but Meltano's state
+        kept = spec.meltano_state
+        return Prepared(
+            mode="meltano",
+            tap_argv=list(spec.tap_cmd),
+            target_argv=list(spec.target_cmd),
+            transform_argvs=[(" ".join(cmd), list(cmd)) for cmd in spec.transform_cmds],
+            state_id=kept.state_id,
+            loaded=kept.loaded,
+            write_state=kept.write,
+        )
     return Prepared(
         mode="standalone",
         tap_argv=standalone_command(spec.tap_cmd, spec.state_in if loaded else None),

@@ -7,7 +7,7 @@ without importing the run loop (the `pipeline` <-> `preflight` circle, issue 11)
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +101,18 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class MeltanoState:
+    """Meltano's state for a pipeline given as commands: its id, the stored value, its writer.
+
+    No id and no writer: a stateless run (no environment, or --no-state-update).
+    """
+
+    state_id: str | None
+    loaded: state.LoadedState | None  # what the tap resumes from
+    write: Callable[[dict[str, Any]], None] | None  # stores each state the target confirms
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineSpec:
     """What to run. Meltano mode names plugins; standalone mode gives their commands."""
 
@@ -116,6 +128,8 @@ class PipelineSpec:
     state_id_suffix: str | None = None
     force: bool = False
     target_config: Path | None = None  # standalone: the target's config, for landing checks
+    # A mapped pair (mapped.py) runs its commands like standalone mode but keeps Meltano's state.
+    meltano_state: MeltanoState | None = None
 
     @property
     def standalone(self) -> bool:

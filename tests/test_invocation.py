@@ -54,8 +54,10 @@ def test_options_win_over_their_variables_and_unset_options_leave_them() -> None
         (["--refresh-catalog"], "--refresh-catalog is for Meltano mode"),
         (["--state-strategy", "merge"], "--state-strategy is for Meltano mode"),
         (["--run-id", "not-a-uuid"], "must be a UUID"),
+        (["--install"], "--install is for Meltano mode"),
+        (["--only-install"], "--only-install is for Meltano mode"),
     ],
-    ids=["suffix", "refresh-catalog", "strategy", "run-id"],
+    ids=["suffix", "refresh-catalog", "strategy", "run-id", "install", "only-install"],
 )
 def test_meltano_only_flags_and_bad_run_ids_are_errors_in_standalone_mode(
     tmp_path: Path, args: list[str], message: str
@@ -264,3 +266,68 @@ def test_without_a_timeout_the_same_run_is_not_stopped(tmp_path: Path) -> None:
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_install_options_become_meltanos_own_install_run_and_the_last_one_wins(
+    tmp_path: Path,
+) -> None:
+    words = ("tap-x", "cat-it", "target-y", "dbt:run")
+    plan = blocks.Plan((), words, environment="dev")
+    env = {"MELTANO_PROJECT_ROOT": str(tmp_path), "PATH": "", "MELTANO_SYS_DIR_ROOT": "/nowhere"}
+    with pytest.raises(UsageError, match="Meltano was not found"):
+        options.install_argv(plan, env, "install")  # no Meltano to be found: said so
+    (tmp_path / "run").mkdir()
+    exe = tmp_path / "run" / "bin"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    env["MELTANO_SYS_DIR_ROOT"] = str(tmp_path)
+    head = [str(exe), "--log-level=info", "--environment=dev", "run"]
+    assert options.install_argv(plan, env, "install") == [*head, "--dry-run", "--install", *words]
+    assert options.install_argv(plan, env, "only_install") == [*head, "--only-install", *words]
+    assert options.install_argv(plan, env, "no_install") is None
+    with pytest.raises(UsageError, match="install mode must be one of"):
+        options.flags(install="sometimes")
+    # As click does for meltano run's three flags (one destination): the last one given wins.
+    runner = CliRunner()
+    out = runner.invoke(
+        cli,
+        ["run", "--install", "--no-install", "--tap-cmd", fake("tap_counter.py"),
+         "--target-cmd", fake("target_collect.py", "/dev/null"), "--dry-run"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output  # --no-install is allowed in standalone mode
+    refused = runner.invoke(
+        cli,
+        ["run", "--no-install", "--only-install", "--tap-cmd", fake("tap_counter.py"),
+         "--target-cmd", fake("target_collect.py", "/dev/null"), "--dry-run"],
+    )  # fmt: skip
+    assert refused.exit_code == 2
+    assert "--only-install is for Meltano mode" in refused.output
+
+
+def test_the_report_names_what_a_mapper_did_to_each_stream() -> None:
+    from flext_meltano_context.lineage.report import _mapped
+
+    shown = _mapped(
+        {
+            "mappings": ["m"],
+            "tap_side": {"kept": 3, "cut": 5, "split": 2, "gone": 4},
+            "target_side": {"kept": 3, "cut": 1, "split": 6, "new": 2},
+        }
+    )
+    changes = {row["stream"]: row["change"] for row in shown["streams"]}
+    assert changes == {
+        "cut": "filtered: 4 fewer",
+        "gone": "dropped by the mapper",
+        "kept": "unchanged",
+        "new": "made by the mapper",
+        "split": "split: 4 more",
+    }
+    unseen = _mapped({"mappings": ["m"], "tap_side": None, "target_side": {"a": 1}})
+    assert unseen["streams"] == [
+        {
+            "stream": "a",
+            "tap_records": None,
+            "target_records": 1,
+            "change": "not counted at the tap",
+        }
+    ]

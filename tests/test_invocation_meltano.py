@@ -64,6 +64,16 @@ def job_project(tmp_path: Path) -> Path:
     return root
 
 
+def run_report(tmp_path: Path, run_id: str) -> Any:
+    """The JSON report of one run in the test's lineage log, checked against its schema."""
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    done = CliRunner().invoke(cli, ["report", run_id, *log], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    jsonschema.validate(report, report_schema())
+    return report
+
+
 def run(root: Path, *args: str, **env: str) -> Any:
     return meltano(root, "invoke", "flext-context", "run", *args, **env)
 
@@ -180,8 +190,29 @@ def test_a_job_runs_each_pair_with_one_correlation_id_and_state_like_meltano_run
     assert [r["run_id"] for r in json.loads(listed.stdout)][::-1] == [parent["run_id"], *run_ids]
     report = meltano(root, "invoke", "flext-context", "report", parent["run_id"])
     assert report.returncode == 0, report.stderr
-    assert json.loads(report.stdout)["records"] == 20
-    jsonschema.validate(json.loads(report.stdout), report_schema())
+    parent_report = json.loads(report.stdout)
+    assert parent_report["records"] == 20
+    jsonschema.validate(parent_report, report_schema())
+    children = parent_report["invocation"]["children"]
+    assert [(c["name"], c["run_id"], c["status"], c["records"]) for c in children] == [
+        ("tap-counter-to-target-collect", run_ids[0], "success", 10),
+        ("tap-counter-to-target-other", run_ids[1], "success", 10),
+    ]
+    assert all(c["duration_s"] > 0 for c in children)
+    assert [row["stream"] for c in children for row in c["landing"]] == ["users", "users"]
+    assert parent_report["invocation"]["blocks"][-1] == "probe:run"
+    assert parent_report["mapped"] is None
+    for fmt, marker in (("markdown", "### Invocation"), ("html", "<h2>Invocation</h2>")):
+        shown = meltano(
+            root, "invoke", "flext-context", "report", parent["run_id"], "--format", fmt
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert marker in shown.stdout
+        assert run_ids[0] in shown.stdout
+        assert run_ids[1] in shown.stdout
+        assert "tap-counter-to-target-other" in shown.stdout
+    child_report = json.loads(meltano(root, "invoke", "flext-context", "report", run_ids[0]).stdout)
+    assert child_report["invocation"] is None  # a child pipeline's own report: no table
     lineage_events = meltano(
         root, "invoke", "flext-context", "report", parent["run_id"], "--format", "openlineage"
     )
@@ -230,6 +261,15 @@ def test_a_failed_pair_skips_the_rest_as_meltano_run_does(tmp_path: Path) -> Non
     assert "target-broken" in result["pipelines"][0]["error"]
     assert result["pipelines"][1]["run_id"] is None
     assert not (tmp_path / "o.jsonl").exists()
+    shown = run_report(tmp_path, result["invocation_id"])
+    rows = [(c["status"], c["run_id"] is None) for c in shown["invocation"]["children"]]
+    assert rows == [("failed", False), ("skipped", True)]
+    assert "target-broken" in shown["invocation"]["children"][0]["error"]
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    markdown = CliRunner().invoke(
+        cli, ["report", result["invocation_id"], "--format", "markdown", *log]
+    )
+    assert "| tap-counter-to-target-other | - | ⏭️ skipped | - | - | - |" in markdown.output
     assert stored_state(root, "dev:tap-counter-to-target-other") == {}
 
 
@@ -287,7 +327,31 @@ def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_melt
     assert both["data"]["tap_side"] == {"users": 10}
     assert both["data"]["target_side"] == {"users": 5}
     assert both["run_id"] == pipeline["run_id"]
+    shown = run_report(tmp_path, pipeline["run_id"])
+    assert shown["mapped"] == {
+        "mappings": ["cat-it"],
+        "streams": [
+            {
+                "stream": "users",
+                "tap_records": 10,
+                "target_records": 5,
+                "change": "filtered: 5 fewer",
+            }
+        ],
+    }
+    log = ["--log", str(tmp_path / "lineage.jsonl")]
+    markdown = CliRunner().invoke(cli, ["report", pipeline["run_id"], "--format", "markdown", *log])
+    assert "| users | 10 | 5 | filtered: 5 fewer |" in markdown.output
+    html = CliRunner().invoke(cli, ["report", pipeline["run_id"], "--format", "html", *log]).output
+    assert "<h2>Mapped by cat-it</h2>" in html
+    assert "<td>filtered: 5 fewer</td>" in html
     sid = "dev:tap-counter-to-target-collect"
+    (started,) = events(tmp_path, "run_started")
+    assert started["data"]["pipeline"]["mode"] == "meltano"  # in the log itself, not only result
+    assert started["data"]["pipeline"]["state_id"] == sid
+    (persisted,) = events(tmp_path, "state_persisted")
+    assert persisted["data"]["state_id"] == sid
+    assert persisted["data"]["confirmed_states"] >= 1
     twin = job_project(tmp_path / "twin")
     assert meltano(twin, "run", "tap-counter", "cat-it", "target-collect").returncode == 0
     ours, theirs = stored_state(root, sid)["singer_state"], stored_state(twin, sid)["singer_state"]
@@ -299,9 +363,92 @@ def test_a_mapping_inside_run_is_counted_on_both_sides_and_keeps_state_like_melt
     assert stored_state(root, sid)["singer_state"]["bookmarks"] == {"users": {"id": 20}}
 
 
+def test_a_mapped_pair_stores_each_confirmed_state_so_a_target_crash_keeps_it_as_meltano_run(
+    tmp_path: Path,
+) -> None:
+    root = job_project(tmp_path)
+    twin = job_project(tmp_path / "twin")
+    sid = "dev:tap-counter-to-target-broken"
+    done = run(root, "tap-counter", "cat-it", "target-broken")
+    assert done.returncode == 1
+    theirs = meltano(twin, "run", "tap-counter", "cat-it", "target-broken")
+    assert theirs.returncode != 0
+    ours = stored_state(root, sid)["singer_state"]
+    assert ours["bookmarks"] == stored_state(twin, sid)["singer_state"]["bookmarks"]
+    assert ours["bookmarks"]["users"]["id"] < 10  # confirmed before the crash, not the tap's last
+    (started,) = events(tmp_path, "run_started")
+    assert ours["flext_context"]["run_id"] == started["run_id"]
+    (persisted,) = events(tmp_path, "state_persisted")
+    assert persisted["data"]["state_id"] == sid
+
+
+def test_a_mapped_pair_stores_a_confirmed_state_while_the_pair_still_runs(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_pipeline_meltano import BIN
+
+    root = job_project(tmp_path)
+    out = tmp_path / "out.jsonl"
+    wrapper(tmp_path / "bin" / "target-collect", "target_collect.py", str(out), "--slow", "2")
+    sid = "dev:tap-counter-to-target-collect"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MELTANO_SEND_ANONYMOUS_USAGE_STATS"] = "false"
+    argv = [str(BIN / "meltano"), "invoke", "flext-context", "run"]
+    proc = subprocess.Popen(
+        [*argv, "tap-counter", "cat-it", "target-collect"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stored: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while not stored and proc.poll() is None and time.monotonic() < deadline:
+            stored = stored_state(root, sid)
+        running = proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no end of the pair to store anything at
+        proc.wait()
+    assert running  # the state was stored while the target was still loading
+    assert 0 < stored["singer_state"]["bookmarks"]["users"]["id"] < 10
+    lines = len(out.read_text().splitlines())
+    assert lines < 5  # the target had not taken every record yet
+    assert stored_state(root, sid) == stored  # what was confirmed stays after the crash
+
+
 def test_a_failing_mapper_fails_the_pipeline_and_leaves_state_untouched(tmp_path: Path) -> None:
     root = job_project(tmp_path)
     wrapper(tmp_path / "bin" / "mapper-cat", "mapper_filter.py", "--keep-every", "0")  # crashes
     done = run(root, "tap-counter", "cat-it", "target-collect")
     assert done.returncode == 1
     assert stored_state(root, "dev:tap-counter-to-target-collect") == {}
+
+
+def test_install_options_install_through_meltano_first_and_only_install_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    root = job_project(tmp_path)
+    text = (root / "meltano.yml").read_text()
+    broken = "  - name: target-nowhere\n    namespace: target_nowhere\n"
+    broken += f"    pip_url: {tmp_path / 'no-such-package'}\n"
+    (root / "meltano.yml").write_text(text.replace("  mappers:\n", broken + "  mappers:\n", 1))
+    planned = run(root, "--dry-run", "--only-install", "both")
+    assert planned.returncode == 0, planned.stderr
+    assert "install: meltano --environment=dev run --only-install tap-counter" in planned.stdout
+    only = run(root, "--only-install", "tap-counter", "cat-it", "target-collect")
+    assert only.returncode == 0, only.stderr
+    assert "tap-counter" in only.stderr  # Meltano's own install messages, on stderr
+    assert not (tmp_path / "lineage.jsonl").exists()  # nothing ran
+    assert not (tmp_path / "out.jsonl").exists()
+    installed = run(root, "--install", "tap-counter", "target-collect")
+    assert installed.returncode == 0, installed.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10
+    # A real install that fails: as `meltano run`, Meltano says so and the blocks still run,
+    # so the pipeline fails on the plugin it could not install.
+    failing = run(root, "--install", "tap-counter", "target-nowhere")
+    assert failing.returncode != 0
+    assert "Installing loader 'target-nowhere'" in failing.stderr
+    assert "Installation failed" in failing.stderr
+    assert "cannot start target-nowhere" in failing.stderr

@@ -147,6 +147,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     if ci:
         where = ci.get("run_url") or ci.get("pipeline_url") or ci.get("build_url") or ""
         lines.append(f"| CI | {_md(ci.get('provider', ''))} {_md(where)} |")
+    lines += _invocation_markdown(report.get("invocation"))
+    lines += _mapped_markdown(report.get("mapped"))
     lines += ["", "### Streams", ""]
     if report["streams"]:
         lines += [
@@ -235,6 +237,96 @@ def _rows(node: Mapping[str, Any]) -> str:
         if rows is None
         else f"{rows:,}" + (" (dbt)" if node.get("rows_from") == "adapter" else "")
     )
+
+
+def _child_landing(child: Mapping[str, Any]) -> str:
+    """A child pipeline's landing result: `users ok, orders missing 1`, or `-`."""
+    rows = child.get("landing") or []
+    return (
+        ", ".join(f"{row['stream']} {row.get('label') or row.get('status')}" for row in rows) or "-"
+    )
+
+
+def _child_cells(child: Mapping[str, Any]) -> list[str]:
+    records = child.get("records")
+    return [
+        str(child["name"]),
+        str(child.get("run_id") or "-"),
+        f"{_STATUS_MARK.get(child['status'], '')} {child['status']}".strip(),
+        "-" if records is None else f"{records:,}",
+        _child_landing(child),
+        _seconds(child.get("duration_s")),
+    ]
+
+
+_CHILD_HEADERS = ("Pipeline", "Run id", "Status", "Records", "Landed", "Duration")
+
+
+def _invocation_markdown(invocation: Mapping[str, Any] | None) -> list[str]:
+    """An invocation's parent run: its blocks and a row per child pipeline or command block."""
+    if not invocation:
+        return []
+    lines = ["", "### Invocation", "", f"Blocks: `{_md(' '.join(invocation['blocks']))}`", ""]
+    lines += ["| " + " | ".join(_CHILD_HEADERS) + " |", "|---|---|---|--:|---|--:|"]
+    for child in invocation["children"]:
+        cells = [_md(cell) for cell in _child_cells(child)]
+        cells[1] = f"`{cells[1]}`" if child.get("run_id") else cells[1]
+        lines.append("| " + " | ".join(cells) + " |")
+    for child in invocation["children"]:
+        if child.get("error"):
+            lines.append(f"- {_md(child['name'])}: {_md(child['error'])[:500]}")
+    return lines
+
+
+def _mapped_change(row: Mapping[str, Any]) -> list[str]:
+    tap = row.get("tap_records")
+    return [
+        str(row["stream"]),
+        "-" if tap is None else f"{tap:,}",
+        f"{row['target_records']:,}",
+        str(row["change"]),
+    ]
+
+
+def _mapped_markdown(mapped: Mapping[str, Any] | None) -> list[str]:
+    """A mapped pair: records per stream leaving the tap and entering the target."""
+    if not mapped:
+        return []
+    lines = ["", f"### Mapped by {_md(', '.join(mapped['mappings']))}", ""]
+    lines += ["| Stream | Left the tap | Entered the target | Change |", "|---|--:|--:|---|"]
+    for row in mapped["streams"]:
+        lines.append("| " + " | ".join(_md(cell) for cell in _mapped_change(row)) + " |")
+    return lines
+
+
+def _invocation_html(invocation: Mapping[str, Any] | None) -> str:
+    if not invocation:
+        return ""
+    head = "".join(f"<th>{_e(h)}</th>" for h in _CHILD_HEADERS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in _child_cells(child)) + "</tr>"
+        for child in invocation["children"]
+    )
+    errors = "".join(
+        f"<li>{_e(child['name'])}: {_e(child['error'])}</li>"
+        for child in invocation["children"]
+        if child.get("error")
+    )
+    return (
+        f"<h2>Invocation</h2><p>Blocks: <code>{_e(' '.join(invocation['blocks']))}</code></p>"
+        f"<table><tr>{head}</tr>{rows}</table>" + (f"<ul>{errors}</ul>" if errors else "")
+    )
+
+
+def _mapped_html(mapped: Mapping[str, Any] | None) -> str:
+    if not mapped:
+        return ""
+    head = "<tr><th>Stream</th><th>Left the tap</th><th>Entered the target</th><th>Change</th></tr>"
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in _mapped_change(row)) + "</tr>"
+        for row in mapped["streams"]
+    )
+    return f"<h2>Mapped by {_e(', '.join(mapped['mappings']))}</h2><table>{head}{rows}</table>"
 
 
 def _dbt_markdown(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -479,6 +571,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         f'<h1>{_e(pipeline["name"])} <span class=badge style="background:{colour}">'
         f"{_e(status)}</span></h1>"
         "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in summary) + "</dl>"
+        f"{_invocation_html(report.get('invocation'))}{_mapped_html(report.get('mapped'))}"
         f"<h2>Lineage</h2>{_graph_svg(report)}"
         f"{_dbt_html(report.get('dbt') or [])}"
         f"<h2>Phase timeline</h2>{_gantt_svg(report)}"

@@ -117,7 +117,9 @@ def resolve_run_id(path: Source, run_id: str | None) -> str:
 def run_records(path: Source, run_id: str) -> list[dict[str, Any]]:
     """The records of one run, in log order."""
     needle = b'"run_id":' + json.dumps(run_id).encode()
-    return [_decode(line) for line in open_log(path).lines(run_id=run_id) if needle in line]
+    decoded = (_decode(line) for line in open_log(path).lines(run_id=run_id) if needle in line)
+    # The needle also matches a parent run's `run_completed`, which names its children's run ids.
+    return [record for record in decoded if record.get("run_id") == run_id]
 
 
 def _by_event(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -125,8 +127,15 @@ def _by_event(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, dict[
         yield record["event"], dict(record.get("data") or {})
 
 
-def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The lineage report of one run from its records (as `run_records` returns them)."""
+def build_report(
+    records: Sequence[Mapping[str, Any]],
+    children: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The lineage report of one run from its records (as `run_records` returns them).
+
+    For an invocation's parent run, `children` maps each child run id to that run's records
+    (`child_records` reads them): the report then lists each child pipeline's outcome.
+    """
     if not records:
         raise RunNotFoundError("no events for this run")
     first, last = records[0], records[-1]
@@ -140,6 +149,7 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     dbt_blocks: list[dict[str, Any]] = []
     landed: dict[str, dict[str, Any]] = {}
     cross_checks: list[dict[str, Any]] = []
+    mapped: dict[str, Any] | None = None
     for event, data in _by_event(records):
         if event == "run_started":
             started = data
@@ -166,6 +176,8 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 landed[str(row.get("stream", "?"))] = {"family": data.get("family"), **row}
         elif event == "cross_checks":  # issue 10: the target's and tap's own counts
             cross_checks.extend(_cross_check(item) for item in data.get("checks") or [])
+        elif event == "mapped_streams":  # issue 12: a mapped pair, counted on both sides
+            mapped = _mapped(data)
     pipeline = dict(started.get("pipeline") or {})
     pipeline.setdefault("name", _pipeline_name(started))
     end = completed or {}
@@ -201,6 +213,8 @@ def build_report(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "nodes": nodes,
         "edges": edges,
         "dbt": dbt_blocks,
+        "mapped": mapped,
+        "invocation": _invocation(started, end, children or {}),
         "log": {
             "events": len(records),
             "first_seq": first["seq"],
@@ -327,3 +341,79 @@ def _graph(
         if row not in out:
             out.append(row)
     return list(nodes.values()), out
+
+
+def _mapped(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Records per stream leaving the tap and entering the target of a mapped pair."""
+    tap_side = data.get("tap_side")
+    target_side = dict(data.get("target_side") or {})
+    names = sorted({*(tap_side or {}), *target_side})
+    rows = []
+    for name in names:
+        left = None if tap_side is None else int(tap_side.get(name, 0))
+        entered = int(target_side.get(name, 0))
+        if left is None:
+            change = "not counted at the tap"
+        elif name not in target_side:
+            change = "dropped by the mapper"
+        elif tap_side is not None and name not in tap_side:
+            change = "made by the mapper"
+        elif entered < left:
+            change = f"filtered: {left - entered:,} fewer"
+        elif entered > left:
+            change = f"split: {entered - left:,} more"
+        else:
+            change = "unchanged"
+        rows.append(
+            {"stream": name, "tap_records": left, "target_records": entered, "change": change}
+        )
+    return {"mappings": [str(m) for m in data.get("mappings") or []], "streams": rows}
+
+
+def child_records(
+    path: Source, records: Sequence[Mapping[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Each child run's records when `records` are an invocation's parent run (else none)."""
+    for record in reversed(records):
+        if record.get("event") == "run_completed":
+            ids = (record.get("data") or {}).get("child_run_ids") or []
+            return {str(run_id): run_records(path, str(run_id)) for run_id in ids}
+    return {}
+
+
+def _invocation(
+    started: Mapping[str, Any],
+    end: Mapping[str, Any],
+    children: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, Any] | None:
+    """The invocation a parent run stands for: its blocks and each child block's outcome."""
+    if "invocation" not in started and "children" not in end:
+        return None
+    rows = []
+    for child in end.get("children") or []:
+        run_id = child.get("run_id")
+        row: dict[str, Any] = {
+            "name": str(child.get("name", "?")),
+            "kind": str(child.get("kind", "pipeline")),
+            "run_id": run_id,
+            "status": str(child.get("status", "unknown")),
+            "error": child.get("error"),
+            "records": None,
+            "duration_s": None,
+            "landing": [],
+        }
+        found = children.get(str(run_id)) if run_id else None
+        if found:
+            report = build_report(found)
+            row["records"] = report["records"]
+            row["duration_s"] = report["duration_s"]
+            row["status"] = report["status"] if report["status"] != "incomplete" else row["status"]
+            row["landing"] = [
+                {"stream": s["stream"], "status": s["landing"].get("status"),
+                 "label": s["landing"].get("label")}
+                for s in report["streams"]
+                if s.get("landing")
+            ]  # fmt: skip
+        rows.append(row)
+    invocation = started.get("invocation") or {}
+    return {"blocks": [str(word) for word in invocation.get("blocks") or []], "children": rows}
