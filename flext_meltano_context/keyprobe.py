@@ -531,8 +531,15 @@ def _file_by_key(
         return _key_result(
             stream, total, None, "not checked", columns, dataset=dataset, reason=str(present)
         )
+    if compare is bytes:  # canonical keys on both sides: one C-level pass
+        absent = [key for key in keys.iter(stream) if key not in present]
+        samples = [_sample(columns, decode(key)) for key in absent[: check.sample_keys]]
+        status = "missing" if absent else "ok"
+        return _key_result(
+            stream, total, len(absent), status, columns, dataset=dataset, samples=samples
+        )
     missing = 0
-    samples: list[dict[str, Any]] = []
+    samples = []
     for key in keys.iter(stream):
         form = compare(key)
         if isinstance(form, Uncomparable):
