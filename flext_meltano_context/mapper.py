@@ -89,6 +89,7 @@ def run(config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
     from flext_meltano_context.lineage.ci import ci_context
     from flext_meltano_context.lineage.recorder import Recorder
     from flext_meltano_context.relay import relay
+    from flext_meltano_context.singer import schema_summary
 
     logs.configure("json", "warning")  # stdout is the stream: every log line goes to stderr
     env = identity_env(environ)
@@ -156,7 +157,7 @@ def run(config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
                     "bytes": stream.bytes,
                     "first_record_at": state.iso(stream.first_record_at),
                     "last_record_at": state.iso(stream.last_record_at),
-                    "schema": _schema(stream.schema, stream.key_properties),
+                    "schema": schema_summary(stream.schema, stream.key_properties),
                 },
             )
         if stats.anomaly_count:
@@ -255,16 +256,6 @@ def _close(
         },
         fsync=True,
     )
-
-
-def _schema(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
-    properties = schema.get("properties") if isinstance(schema, Mapping) else None
-    columns: dict[str, Any] = {}
-    if isinstance(properties, Mapping):
-        for column, spec in properties.items():
-            kind = spec.get("type") if isinstance(spec, Mapping) else None
-            columns[str(column)] = kind if isinstance(kind, (str, list)) else None
-    return {"properties": columns, "key_properties": list(keys)}
 
 
 if __name__ == "__main__":
