@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks/pipeline.py: the same timing of one `meltano` command
+
+from benchmarks.pipeline import timed  # noqa: E402
+
 FAKES = ROOT / "tests" / "fakes"
 BIN = Path(sys.executable).parent
-MELTANO = BIN / "meltano"
 PROJECT = """\
 default_environment: bench
 project_id: flext-context-mapper-benchmark
@@ -54,20 +54,6 @@ RUNNERS = {
     "meltano_run": ["run", "bench-tap", "bench-target"],
     "with_mapper": ["run", "bench-tap", "flext-count", "bench-target"],
 }
-
-
-def timed(project: Path, argv: list[str], records: int) -> float:
-    """Seconds one `meltano <argv>` takes in `project`; raises with its stderr if it fails."""
-    env = {**os.environ, "BENCH_RECORDS": str(records), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "0"}
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(MELTANO), *argv], cwd=project, env=env, capture_output=True, text=True, check=False
-    )
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        tail = "\n  ".join(done.stderr.splitlines()[-15:])
-        raise SystemExit(f"`meltano {' '.join(argv)}` exited {done.returncode}:\n  {tail}")
-    return elapsed
 
 
 def records_of_last_mapper_run(project: Path) -> int:
