@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # benchmarks/pipeline.py: the same timing of one `meltano` command
+sys.path.insert(0, str(ROOT))  # benchmarks/pipeline.py: the same timing and log reading
 
-from benchmarks.pipeline import timed  # noqa: E402
+from benchmarks.pipeline import best_of, records_of_last_run  # noqa: E402
 
 FAKES = ROOT / "tests" / "fakes"
 BIN = Path(sys.executable).parent
@@ -56,16 +56,6 @@ RUNNERS = {
 }
 
 
-def records_of_last_mapper_run(project: Path) -> int:
-    """Records the mapper says its last run relayed, from the lineage log."""
-    completed = [
-        json.loads(line)["data"]
-        for line in (project / "lineage.jsonl").read_text().splitlines()
-        if '"event":"run_completed"' in line.replace(" ", "")
-    ]
-    return int(completed[-1]["records"])
-
-
 def main() -> None:
     """Set up the project, time both invocations at each size, print the summary JSON last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,12 +68,8 @@ def main() -> None:
         (project / "meltano.yml").write_text(PROJECT.format(fakes=FAKES, bin=BIN, project=project))
         results: dict[str, dict[str, float]] = {}
         for records in sizes:
-            best = {name: float("inf") for name in RUNNERS}
-            for attempt in range(args.repeat):
-                order = list(RUNNERS) if attempt % 2 == 0 else list(reversed(RUNNERS))
-                for name in order:
-                    best[name] = min(best[name], timed(project, RUNNERS[name], records))
-            relayed = records_of_last_mapper_run(project)
+            best = best_of(project, RUNNERS, records, args.repeat)
+            relayed = records_of_last_run(project, project / "lineage.jsonl")
             if relayed != records:
                 raise SystemExit(f"the mapper relayed {relayed} records, expected {records}")
             ratio = best["with_mapper"] / best["meltano_run"]
