@@ -89,7 +89,6 @@ def run(config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
     from flext_meltano_context.lineage.ci import ci_context
     from flext_meltano_context.lineage.recorder import Recorder
     from flext_meltano_context.relay import relay
-    from flext_meltano_context.singer import schema_summary
 
     logs.configure("json", "warning")  # stdout is the stream: every log line goes to stderr
     env = identity_env(environ)
@@ -149,17 +148,7 @@ def run(config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
         failed = stats.sink_closed_early
         error = "the next block stopped reading before the end of the stream" if failed else None
         for stream in stats.streams.values():
-            recorder.record(
-                "stream_stats",
-                {
-                    "stream": stream.name,
-                    "counts": dict(stream.counts),
-                    "bytes": stream.bytes,
-                    "first_record_at": state.iso(stream.first_record_at),
-                    "last_record_at": state.iso(stream.last_record_at),
-                    "schema": schema_summary(stream.schema, stream.key_properties),
-                },
-            )
+            recorder.record("stream_stats", stream.event_data())
         if stats.anomaly_count:
             recorder.record(
                 "anomalies",

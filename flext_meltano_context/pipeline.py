@@ -39,7 +39,6 @@ from flext_meltano_context.lineage.ci import ci_context
 from flext_meltano_context.lineage.recorder import Recorder
 from flext_meltano_context.outcome import Delivery, Outcome, RecentBytes, Verdict, judge
 from flext_meltano_context.relay import Injection, RelayProgress, RelayStats, relay
-from flext_meltano_context.singer import schema_summary
 from flext_meltano_context.spec import (
     CrossCheck,
     PhaseResult,
@@ -511,12 +510,7 @@ def _record_el(run: _Run, el: _Loaded, verdict: Verdict) -> tuple[CrossCheck, ..
         run.recorder.record(
             "stream_stats",
             {
-                "stream": stream.name,
-                "counts": dict(stream.counts),
-                "bytes": stream.bytes,
-                "first_record_at": state.iso(stream.first_record_at),
-                "last_record_at": state.iso(stream.last_record_at),
-                "schema": schema_summary(stream.schema, stream.key_properties),
+                **stream.event_data(),
                 "tap_metrics": _for_stream(el.tap_metrics, stream.name),
                 "target_metrics": _for_stream(el.target_metrics, stream.name),
                 **datasets.get(stream.name, {}),  # dataset names as dbt-ol gives them
