@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks/pipeline.py: the same timing and log reading
+
+from benchmarks.pipeline import best_of, records_of_last_run  # noqa: E402
+
 FAKES = ROOT / "tests" / "fakes"
 BIN = Path(sys.executable).parent
-MELTANO = BIN / "meltano"
 PROJECT = """\
 default_environment: bench
 project_id: flext-context-mapper-benchmark
@@ -56,30 +56,6 @@ RUNNERS = {
 }
 
 
-def timed(project: Path, argv: list[str], records: int) -> float:
-    """Seconds one `meltano <argv>` takes in `project`; raises with its stderr if it fails."""
-    env = {**os.environ, "BENCH_RECORDS": str(records), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "0"}
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(MELTANO), *argv], cwd=project, env=env, capture_output=True, text=True, check=False
-    )
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        tail = "\n  ".join(done.stderr.splitlines()[-15:])
-        raise SystemExit(f"`meltano {' '.join(argv)}` exited {done.returncode}:\n  {tail}")
-    return elapsed
-
-
-def records_of_last_mapper_run(project: Path) -> int:
-    """Records the mapper says its last run relayed, from the lineage log."""
-    completed = [
-        json.loads(line)["data"]
-        for line in (project / "lineage.jsonl").read_text().splitlines()
-        if '"event":"run_completed"' in line.replace(" ", "")
-    ]
-    return int(completed[-1]["records"])
-
-
 def main() -> None:
     """Set up the project, time both invocations at each size, print the summary JSON last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,12 +68,8 @@ def main() -> None:
         (project / "meltano.yml").write_text(PROJECT.format(fakes=FAKES, bin=BIN, project=project))
         results: dict[str, dict[str, float]] = {}
         for records in sizes:
-            best = {name: float("inf") for name in RUNNERS}
-            for attempt in range(args.repeat):
-                order = list(RUNNERS) if attempt % 2 == 0 else list(reversed(RUNNERS))
-                for name in order:
-                    best[name] = min(best[name], timed(project, RUNNERS[name], records))
-            relayed = records_of_last_mapper_run(project)
+            best = best_of(project, RUNNERS, records, args.repeat)
+            relayed = records_of_last_run(project, project / "lineage.jsonl")
             if relayed != records:
                 raise SystemExit(f"the mapper relayed {relayed} records, expected {records}")
             ratio = best["with_mapper"] / best["meltano_run"]

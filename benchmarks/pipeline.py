@@ -89,9 +89,21 @@ def landing_levels(project: Path) -> list[str]:
     return sorted({str(s.get("level", s.get("status"))) for s in landing[-1]["streams"]})
 
 
-def records_of_last_run(project: Path) -> int:
-    """Records flext-context says its last run relayed, from the lineage log."""
-    log = project / ".meltano" / "flext-context" / "lineage.jsonl"
+def best_of(
+    project: Path, runners: dict[str, list[str]], records: int, repeat: int
+) -> dict[str, float]:
+    """Each runner's best wall time over `repeat` rounds, the order reversed every other round."""
+    best = {name: float("inf") for name in runners}
+    for attempt in range(repeat):
+        order = list(runners) if attempt % 2 == 0 else list(reversed(runners))
+        for name in order:
+            best[name] = min(best[name], timed(project, runners[name], records))
+    return best
+
+
+def records_of_last_run(project: Path, log: Path | None = None) -> int:
+    """Records the last run in `log` (flext-context's default log) relayed, from its lineage."""
+    log = log or project / ".meltano" / "flext-context" / "lineage.jsonl"
     completed = [
         json.loads(line)["data"]
         for line in log.read_text().splitlines()
@@ -122,11 +134,7 @@ def main() -> None:
         print(f"meltano install: {time.perf_counter() - started:.1f} s", flush=True)
         results: dict[str, dict[str, Any]] = {}
         for records in sizes:
-            best = {name: float("inf") for name in runners}
-            for attempt in range(args.repeat):
-                order = list(runners) if attempt % 2 == 0 else list(reversed(runners))
-                for name in order:
-                    best[name] = min(best[name], timed(project, runners[name], records))
+            best = best_of(project, runners, records, args.repeat)
             relayed = records_of_last_run(project)
             if relayed != records:
                 raise SystemExit(f"flext-context relayed {relayed} records, expected {records}")

@@ -357,6 +357,13 @@ def _run_step(
     )
     if previous is not None and result.state_persisted and result.state_id:
         strategy.merge_state(env, result.state_id, previous)
+    return pipeline_outcome(step, result)
+
+
+def pipeline_outcome(
+    step: blocks.Pipeline, result: RunResult, tap_streams: Mapping[str, int] | None = None
+) -> Outcome:
+    """A pipeline block's Outcome from its RunResult (plain or mapped: one shape for both)."""
     return Outcome(
         step.name,
         "pipeline",
@@ -366,6 +373,7 @@ def _run_step(
         exit_code=result.exit_code,
         result=result,
         block=step,
+        tap_streams=tap_streams,
     )
 
 

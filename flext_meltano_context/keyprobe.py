@@ -155,6 +155,19 @@ def by_key(
     return out
 
 
+def _all_missing(
+    check: Check,
+    keys: KeySet,
+    stream: str,
+    columns: Sequence[str],
+    dataset: Mapping[str, str],
+) -> StreamLanding:
+    """Nothing landed (no database or no table): every relayed key is missing, with samples."""
+    total, first = _first_keys(keys, stream, check.sample_keys)
+    samples = [_sample(columns, decode(key)) for key in first]
+    return _key_result(stream, total, total, "missing", columns, dataset=dataset, samples=samples)
+
+
 def _key_result(
     stream: str,
     relayed: int,
@@ -222,11 +235,7 @@ def _job(
     """The stream's probe with its keys written to `path`, or its result when none is needed."""
     schema, table, dataset = where
     if error == "no such table":  # nothing landed: the target never created it
-        total, first = _first_keys(keys, stream, check.sample_keys)
-        samples = [_sample(columns, decode(key)) for key in first]
-        return _key_result(
-            stream, total, total, "missing", columns, dataset=dataset, samples=samples
-        )
+        return _all_missing(check, keys, stream, columns, dataset)
     reason: str | None = None
     if error is not None or types is None:
         reason = check.scrub(f"cannot read the key columns: {error}")
@@ -409,11 +418,7 @@ def _sqlite_by_key(
     db = _sqlite_path(check)
     total = keys.count(stream)
     if not db.exists():
-        total, first = _first_keys(keys, stream, check.sample_keys)
-        samples = [_sample(columns, decode(key)) for key in first]
-        return _key_result(
-            stream, total, total, "missing", columns, dataset=dataset, samples=samples
-        )
+        return _all_missing(check, keys, stream, columns, dataset)
     conn = sqlite3.connect("file::memory:", uri=True, timeout=5)
     try:
         conn.execute("ATTACH DATABASE ? AS dst", (f"{db.resolve().as_uri()}?mode=ro",))
@@ -421,11 +426,7 @@ def _sqlite_by_key(
             row[1]: str(row[2] or "") for row in conn.execute(f"PRAGMA dst.table_info({_q(table)})")
         }
         if not info:
-            total, first = _first_keys(keys, stream, check.sample_keys)
-            samples = [_sample(columns, decode(key)) for key in first]
-            return _key_result(
-                stream, total, total, "missing", columns, dataset=dataset, samples=samples
-            )
+            return _all_missing(check, keys, stream, columns, dataset)
         named = resolve_columns(columns, info)
         if isinstance(named, Uncomparable):
             return _key_result(

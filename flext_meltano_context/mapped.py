@@ -53,7 +53,7 @@ def run(
 ) -> Outcome:
     """Run the mapped pipeline; its Outcome carries the records per stream on both sides."""
     from flext_meltano_context import ids
-    from flext_meltano_context.invocation import Outcome
+    from flext_meltano_context.invocation import pipeline_outcome
     from flext_meltano_context.meltano import Meltano, find_meltano
 
     root = Path(env["MELTANO_PROJECT_ROOT"])
@@ -87,17 +87,7 @@ def run(
         if lock is not None:
             lock.release()
         shutil.rmtree(work, ignore_errors=True)
-    return Outcome(
-        step.name,
-        "pipeline",
-        result.status,
-        run_id=result.run_id,
-        error=str(result.error) if result.error is not None else None,
-        exit_code=result.exit_code,
-        result=result,
-        block=step,
-        tap_streams=tap_side,
-    )
+    return pipeline_outcome(step, result, tap_side)
 
 
 def _execute(

@@ -148,17 +148,7 @@ def run(config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
         failed = stats.sink_closed_early
         error = "the next block stopped reading before the end of the stream" if failed else None
         for stream in stats.streams.values():
-            recorder.record(
-                "stream_stats",
-                {
-                    "stream": stream.name,
-                    "counts": dict(stream.counts),
-                    "bytes": stream.bytes,
-                    "first_record_at": state.iso(stream.first_record_at),
-                    "last_record_at": state.iso(stream.last_record_at),
-                    "schema": _schema(stream.schema, stream.key_properties),
-                },
-            )
+            recorder.record("stream_stats", stream.event_data())
         if stats.anomaly_count:
             recorder.record(
                 "anomalies",
@@ -255,16 +245,6 @@ def _close(
         },
         fsync=True,
     )
-
-
-def _schema(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
-    properties = schema.get("properties") if isinstance(schema, Mapping) else None
-    columns: dict[str, Any] = {}
-    if isinstance(properties, Mapping):
-        for column, spec in properties.items():
-            kind = spec.get("type") if isinstance(spec, Mapping) else None
-            columns[str(column)] = kind if isinstance(kind, (str, list)) else None
-    return {"properties": columns, "key_properties": list(keys)}
 
 
 if __name__ == "__main__":

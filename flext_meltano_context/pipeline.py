@@ -510,12 +510,7 @@ def _record_el(run: _Run, el: _Loaded, verdict: Verdict) -> tuple[CrossCheck, ..
         run.recorder.record(
             "stream_stats",
             {
-                "stream": stream.name,
-                "counts": dict(stream.counts),
-                "bytes": stream.bytes,
-                "first_record_at": state.iso(stream.first_record_at),
-                "last_record_at": state.iso(stream.last_record_at),
-                "schema": _schema_summary(stream.schema, stream.key_properties),
+                **stream.event_data(),
                 "tap_metrics": _for_stream(el.tap_metrics, stream.name),
                 "target_metrics": _for_stream(el.target_metrics, stream.name),
                 **datasets.get(stream.name, {}),  # dataset names as dbt-ol gives them
@@ -579,16 +574,6 @@ def _record_anomalies(run: _Run, stats: RelayStats, mismatches: Sequence[CrossCh
         for c in mismatches
     ]
     run.recorder.record("anomalies", {"count": count, "first": first})
-
-
-def _schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
-    properties = schema.get("properties") if isinstance(schema, Mapping) else None
-    columns: dict[str, Any] = {}
-    if isinstance(properties, Mapping):
-        for name, spec in properties.items():
-            kind = spec.get("type") if isinstance(spec, Mapping) else None
-            columns[str(name)] = kind if isinstance(kind, (str, list)) else None
-    return {"properties": columns, "key_properties": list(keys)}
 
 
 def _warehouse(run: _Run) -> dbt.Warehouse | None:

@@ -28,7 +28,7 @@ from typing import Any, cast
 import msgspec
 import structlog
 
-from flext_meltano_context import scanner, singer
+from flext_meltano_context import clock, scanner, singer
 from flext_meltano_context.errors import StrictModeError
 from flext_meltano_context.keys import KeyCollector, KeySet
 from flext_meltano_context.pipes import WriteError, enlarge_pipe, write_all
@@ -76,6 +76,17 @@ class StreamStats:
     @property
     def records(self) -> int:
         return self.counts.get("RECORD", 0)
+
+    def event_data(self) -> dict[str, Any]:
+        """The `stream_stats` lineage event as both recorders write it (the pipeline adds more)."""
+        return {
+            "stream": self.name,
+            "counts": dict(self.counts),
+            "bytes": self.bytes,
+            "first_record_at": clock.epoch_iso(self.first_record_at),
+            "last_record_at": clock.epoch_iso(self.last_record_at),
+            "schema": singer.schema_summary(self.schema, self.key_properties),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ escapes and key order inside values survive: a float in a record or a state stay
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,17 @@ def read_schema(
         schema, keys = parsed.get("schema"), parsed.get("key_properties")
     key_properties = tuple(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else ()
     return (schema if isinstance(schema, dict) else None), key_properties
+
+
+def schema_summary(schema: Mapping[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
+    """A stream's columns with their declared types and its key properties, for lineage."""
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    columns: dict[str, Any] = {}
+    if isinstance(properties, Mapping):
+        for name, spec in properties.items():
+            kind = spec.get("type") if isinstance(spec, Mapping) else None
+            columns[str(name)] = kind if isinstance(kind, (str, list)) else None
+    return {"properties": columns, "key_properties": list(keys)}
 
 
 def state_value(line: bytes | bytearray) -> bytes | None:

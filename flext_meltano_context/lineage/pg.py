@@ -15,6 +15,7 @@ a changed `seq`/`run_seq`) is named, whatever rights its author had.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import urllib.parse
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -208,6 +209,23 @@ class PgStore:
             self._conn.close()
             self._conn = None
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Guard a write: on failure drop the connection (the next write reconnects), a driver
+        error raised as StoreUnavailableError with the password scrubbed."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.Error as exc:
+            self.close()
+            raise StoreUnavailableError(
+                f"cannot write to the lineage store {self}: {self._scrub(str(exc)).strip()}"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+
     def _table(self) -> Any:
         from psycopg import sql
 
@@ -287,7 +305,6 @@ class PgStore:
         Records whose `(run_id, run_seq)` the table has already are skipped: pushing twice stores
         once. Returns the records inserted, with their new `seq`, `prev` and `hash`.
         """
-        import psycopg
 
         if not records:
             return []
@@ -298,72 +315,62 @@ class PgStore:
         table = self._table()
         from psycopg import sql
 
-        try:
-            with conn.transaction():
-                if not fsync:
-                    conn.execute("SET LOCAL synchronous_commit = off")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(self.location)])
-                have = {
-                    (run_id, run_seq)
-                    for run_id, run_seq in conn.execute(
-                        sql.SQL(
-                            "SELECT run_id, run_seq FROM {} WHERE (run_id, run_seq) IN "
-                            "(SELECT * FROM unnest(%s::text[], %s::int[]))"
-                        ).format(table),
-                        [[r["run_id"] for r in records], [int(r["run_seq"]) for r in records]],
-                    )
+        with self._writing(), conn.transaction():
+            if not fsync:
+                conn.execute("SET LOCAL synchronous_commit = off")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(self.location)])
+            have = {
+                (run_id, run_seq)
+                for run_id, run_seq in conn.execute(
+                    sql.SQL(
+                        "SELECT run_id, run_seq FROM {} WHERE (run_id, run_seq) IN "
+                        "(SELECT * FROM unnest(%s::text[], %s::int[]))"
+                    ).format(table),
+                    [[r["run_id"] for r in records], [int(r["run_seq"]) for r in records]],
+                )
+            }
+            last = conn.execute(
+                sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(table)
+            ).fetchone()
+            seq, prev = (int(last[0]), str(last[1])) if last else (0, ZERO_HASH)
+            rows, stored = [], []
+            for record in records:
+                if (record["run_id"], int(record["run_seq"])) in have:
+                    continue
+                have.add((record["run_id"], int(record["run_seq"])))
+                seq += 1
+                full = {
+                    key: record[key]
+                    for key in ("v", "ts", "event", "run_id", "run_seq", "correlation_id")
                 }
-                last = conn.execute(
-                    sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(table)
-                ).fetchone()
-                seq, prev = (int(last[0]), str(last[1])) if last else (0, ZERO_HASH)
-                rows, stored = [], []
-                for record in records:
-                    if (record["run_id"], int(record["run_seq"])) in have:
-                        continue
-                    have.add((record["run_id"], int(record["run_seq"])))
-                    seq += 1
-                    full = {
-                        key: record[key]
-                        for key in ("v", "ts", "event", "run_id", "run_seq", "correlation_id")
-                    }
-                    full.update(seq=seq, prev=prev, data=record["data"])
-                    data_text = canonical(record["data"]).decode("utf-8")
-                    row = _Row(
-                        seq,
-                        int(full["v"]),
-                        str(full["ts"]),
-                        str(full["event"]),
-                        str(full["run_id"]),
-                        int(full["run_seq"]),
-                        str(full["correlation_id"]),
-                        data_text,
-                        prev,
-                        "",
-                    )
-                    prev = hashlib.sha256(_body(row)).hexdigest()
-                    full["hash"] = prev
-                    rows.append((*msgspec.structs.astuple(row)[:-1], prev))
-                    stored.append(full)
-                if rows:
-                    with conn.cursor().copy(
-                        sql.SQL("COPY {} ({}) FROM STDIN").format(table, sql.SQL(_COLUMNS))
-                    ) as copy:
-                        for values in rows:
-                            copy.write_row(values)
-        except psycopg.Error as exc:
-            self.close()
-            raise StoreUnavailableError(
-                f"cannot write to the lineage store {self}: {self._scrub(str(exc)).strip()}"
-            ) from exc
-        except BaseException:
-            self.close()
-            raise
+                full.update(seq=seq, prev=prev, data=record["data"])
+                data_text = canonical(record["data"]).decode("utf-8")
+                row = _Row(
+                    seq,
+                    int(full["v"]),
+                    str(full["ts"]),
+                    str(full["event"]),
+                    str(full["run_id"]),
+                    int(full["run_seq"]),
+                    str(full["correlation_id"]),
+                    data_text,
+                    prev,
+                    "",
+                )
+                prev = hashlib.sha256(_body(row)).hexdigest()
+                full["hash"] = prev
+                rows.append((*msgspec.structs.astuple(row)[:-1], prev))
+                stored.append(full)
+            if rows:
+                with conn.cursor().copy(
+                    sql.SQL("COPY {} ({}) FROM STDIN").format(table, sql.SQL(_COLUMNS))
+                ) as copy:
+                    for values in rows:
+                        copy.write_row(values)
         return stored
 
     def _insert_one(self, record: Mapping[str, Any], *, fsync: bool) -> list[dict[str, Any]]:
         """One event in one round trip (a pipeline: lock, insert-select, commit)."""
-        import psycopg
         from psycopg import sql
 
         row = _Row(
@@ -388,7 +395,7 @@ class PgStore:
             "zero": ZERO_HASH,
         }
         conn = self._connect()
-        try:
+        with self._writing():
             with conn.pipeline(), conn.transaction():
                 if not fsync:
                     conn.execute("SET LOCAL synchronous_commit = off")
@@ -397,14 +404,6 @@ class PgStore:
                     sql.SQL(_INSERT_ONE).format(table=self._table()), params, prepare=True
                 )
             found = cursor.fetchone()
-        except psycopg.Error as exc:
-            self.close()
-            raise StoreUnavailableError(
-                f"cannot write to the lineage store {self}: {self._scrub(str(exc)).strip()}"
-            ) from exc
-        except BaseException:
-            self.close()
-            raise
         if found is None:
             return []  # the store had it already
         seq, prev, digest = int(found[0]), str(found[1]), str(found[2])
