@@ -295,5 +295,6 @@ def resolve(words: Sequence[str], env: Mapping[str, str]) -> Plan:
             f"cannot find the Python that runs Meltano ({meltano.executable}); blocks, jobs and "
             "mappings are looked up with Meltano's own code"
         )
+    meltano.prestart_state_server()  # its start-up runs beside the parse below
     reply = parse_reply(python, words, meltano.environment, env=dict(env), cwd=root)
     return from_reply(reply, words)

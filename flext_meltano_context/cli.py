@@ -332,6 +332,11 @@ def run(
                 "name the blocks to run: 'run TAP TARGET [PLUGIN:COMMAND ...]' or a job, or use "
                 "--tap-cmd/--target-cmd"
             )
+        from flext_meltano_context.meltano import discard_prestarted
+
+        # The Meltano helper is started beside the block parse; one that no pipeline took
+        # (a dry run, only-install, a failure before the first pipeline) ends with the command.
+        click.get_current_context().call_on_close(discard_prestarted)
         plan, steps = options.meltano_steps(blocks, env, flags, target_config)
         words = plan.words
         text = dryrun.describe(plan, flags, env) if dry_run else None

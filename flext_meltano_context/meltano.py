@@ -80,6 +80,30 @@ def _tail(lines: Iterable[str]) -> str:
     return "\n  ".join(shown[-8:]) or "(nothing on stderr)"
 
 
+# Helpers started ahead of their use (Meltano.prestart_state_server), by what makes them alike.
+_EARLY: dict[tuple[str, str, frozenset[tuple[str, str]]], StateServer] = {}
+# The run identity an invocation gives its pipelines: every plugin gets these anew from the run.
+_IDENTITY_VARIABLES = frozenset(
+    {
+        "FLEXT_CORRELATION_ID",
+        "OPENLINEAGE_CONTEXT",
+        "OPENLINEAGE_PARENT_ID",
+        "OPENLINEAGE_ROOT_PARENT_ID",
+    }
+)
+
+
+def _discard(server: StateServer | None) -> None:
+    if server is not None:
+        server.close()
+
+
+def discard_prestarted() -> None:
+    """End helpers started ahead that no pipeline took (an invocation that failed early)."""
+    while _EARLY:
+        _discard(_EARLY.popitem()[1])
+
+
 class StateServer:
     """Meltano's state service and plugin lookup in one long-lived helper process.
 
@@ -96,7 +120,12 @@ class StateServer:
     """
 
     def __init__(
-        self, meltano: Meltano, argv: Sequence[str], *, timeout: float | None = None
+        self,
+        meltano: Meltano,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        wait: bool = True,
     ) -> None:
         self._meltano = meltano
         self.timeout = meltano.timeout if timeout is None else timeout
@@ -131,13 +160,22 @@ class StateServer:
         ]
         for reader in self._readers:
             reader.start()
+        self._started = False
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait (bounded, once) for the helper to have imported Meltano and found the project."""
+        if self._started:
+            return
+        self._started = True
         try:
             ready = self._await("start", self.timeout)
         except FlextContextError:
             self.close()
             raise
         if isinstance(ready, dict) and ready.get("database_uri"):
-            self.database = _database(meltano, str(ready["database_uri"]))
+            self.database = _database(self._meltano, str(ready["database_uri"]))
 
     def _read_replies(self) -> None:
         assert self._proc.stdout is not None  # noqa: S101 - stdout=PIPE above
@@ -420,8 +458,40 @@ class Meltano:
             return None
         return plugin_infos(decoded, names)
 
+    def prestart_state_server(self) -> None:
+        """Start the helper now without waiting for it, for the first `state_server()` to take.
+
+        An invocation reads its blocks with Meltano's own parser first, a Meltano start-up of
+        its own: the helper's start-up runs beside it instead of after it (about a second).
+        """
+        argv = self.helper_argv("serve", self.environment or "")
+        if argv is None:
+            return
+        try:
+            server = StateServer(self, argv, wait=False)
+        except (OSError, FlextContextError, ValueError):
+            return  # state_server() tries again, and says why if it fails again
+        _discard(_EARLY.pop(self._helper_key(), None))
+        _EARLY[self._helper_key()] = server
+
+    def _helper_key(self) -> tuple[str, str, frozenset[tuple[str, str]]]:
+        """What makes two helpers alike: the project, the environment and the variables (but
+        the run identity, which every plugin's environment gets anew from the run)."""
+        env = frozenset((k, v) for k, v in self.env.items() if k not in _IDENTITY_VARIABLES)
+        return str(self.project_root), self.environment or "", env
+
     def state_server(self) -> StateServer | None:
         """A StateServer on Meltano's interpreter, None when that is not usable here."""
+        early = _EARLY.pop(self._helper_key(), None)
+        if early is not None:
+            try:
+                early.ready()
+            except FlextContextError as exc:
+                structlog.get_logger("flext_meltano_context.meltano").warning(
+                    "meltano_state_server_unavailable", reason=str(exc), fallback="meltano commands"
+                )
+                return None
+            return early
         argv = self.helper_argv("serve", self.environment or "")
         if argv is None:
             return None

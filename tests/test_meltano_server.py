@@ -503,3 +503,34 @@ def test_sigkill_during_a_meltano_mode_block_leaves_no_meltano_invoke_behind(
     finally:
         proc.kill()
         proc.communicate(timeout=60)
+
+
+@real_meltano
+def test_a_helper_started_ahead_serves_only_a_run_with_the_same_project_and_variables(
+    root: Path,
+) -> None:
+    from flext_meltano_context import meltano as module
+    from flext_meltano_context.meltano import discard_prestarted
+
+    ahead = melt(root)
+    ahead.prestart_state_server()
+    [started] = module._EARLY.values()
+    other = melt(root, MELTANO_STATE_BACKEND_URI=(root / "scratch").as_uri())
+    fresh = other.state_server()  # other variables: a helper of its own
+    # The run identity each pipeline gets anew does not make a helper unlike.
+    same = melt(root, FLEXT_CORRELATION_ID="01a2282c-488d-7688-860a-82a7532023d2")
+    taken = same.state_server()
+    again = same.state_server()  # taken once: the next caller starts its own
+    try:
+        assert fresh is not None
+        assert taken is started
+        assert again is not None
+        assert again is not taken
+        assert fresh is not started
+        assert not module._EARLY
+        assert taken.call(op="plugins", names=["tap-counter"])["tap-counter"] is not None
+    finally:
+        for server in (fresh, taken, again):
+            if server is not None:
+                server.close()
+        discard_prestarted()
