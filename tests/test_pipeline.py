@@ -192,7 +192,9 @@ def test_target_exiting_early_with_zero_still_fails_the_run(tmp_path: Path) -> N
     )
     assert result.status == "failed"
     assert "target 'target_collect.py' exited 0 after reading" in str(result.error)
-    assert "records never reached it" in str(result.error)
+    # "K records never reached it" when bytes were left in its pipe; when it exited before the
+    # relay wrote more (a race with the tap's start), "the rest of the stream never reached it".
+    assert "never reached it" in str(result.error)
     assert_no_orphans(pids)
 
 
