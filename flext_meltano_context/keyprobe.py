@@ -140,9 +140,7 @@ def by_key(
     out: dict[str, StreamLanding] = {}
     for stream, columns in streams.items():
         if not keys.count(stream):
-            out[stream] = _key_result(
-                stream, 0, None, "not checked", columns, reason="no key values were collected"
-            )
+            out[stream] = _key_unchecked(stream, 0, columns, "no key values were collected")
     todo = {s: c for s, c in streams.items() if s not in out}
     if not todo:
         return out
@@ -166,6 +164,19 @@ def _all_missing(
     total, first = _first_keys(keys, stream, check.sample_keys)
     samples = [_sample(columns, decode(key)) for key in first]
     return _key_result(stream, total, total, "missing", columns, dataset=dataset, samples=samples)
+
+
+def _key_unchecked(
+    stream: str,
+    relayed: int,
+    columns: Sequence[str],
+    reason: str,
+    dataset: Mapping[str, str] | None = None,
+) -> StreamLanding:
+    """A stream whose keys could not be compared with the destination: `not checked`, why."""
+    return _key_result(
+        stream, relayed, None, "not checked", columns, reason=reason, dataset=dataset
+    )
 
 
 def _key_result(
@@ -249,9 +260,7 @@ def _job(
             if not isinstance(written, Uncomparable):
                 return _KeyJob(stream, schema, table, dataset, columns, named, typed, path, written)
             reason = str(written)
-    return _key_result(
-        stream, keys.count(stream), None, "not checked", columns, reason=reason, dataset=dataset
-    )
+    return _key_unchecked(stream, keys.count(stream), columns, reason, dataset=dataset)
 
 
 def _run_jobs(check: Check, jobs: Sequence[_KeyJob]) -> dict[str, StreamLanding]:
@@ -269,13 +278,11 @@ def _run_jobs(check: Check, jobs: Sequence[_KeyJob]) -> dict[str, StreamLanding]
         jobs, reply["missing"], reply["samples"], reply["errors"], strict=True
     ):
         if error is not None:
-            out[job.stream] = _key_result(
+            out[job.stream] = _key_unchecked(
                 job.stream,
                 job.keys,
-                None,
-                "not checked",
                 job.columns,
-                reason=check.scrub(f"the probe by key failed: {error}"),
+                check.scrub(f"the probe by key failed: {error}"),
                 dataset=job.dataset,
             )
             continue
@@ -429,14 +436,8 @@ def _sqlite_by_key(
             return _all_missing(check, keys, stream, columns, dataset)
         named = resolve_columns(columns, info)
         if isinstance(named, Uncomparable):
-            return _key_result(
-                stream,
-                total,
-                None,
-                "not checked",
-                columns,
-                dataset=dataset,
-                reason=f"{named} in table {table!r}",
+            return _key_unchecked(
+                stream, total, columns, f"{named} in table {table!r}", dataset=dataset
             )
         classes = [_sqlite_class(info[c]) for c in named]
         insert = f"INSERT INTO temp.flext_keys VALUES ({', '.join('?' for _ in columns)})"  # noqa: S608
@@ -449,14 +450,12 @@ def _sqlite_by_key(
             for name, value, klass in zip(columns, decode(key), classes, strict=True):
                 wire = wire_value(value, klass)
                 if isinstance(wire, Uncomparable):
-                    return _key_result(
+                    return _key_unchecked(
                         stream,
                         total,
-                        None,
-                        "not checked",
                         columns,
+                        f"key column {name!r}: {wire}, so keys are not compared",
                         dataset=dataset,
-                        reason=f"key column {name!r}: {wire}, so keys are not compared",
                     )
                 row.append(_unwire(wire))
             batch.append(tuple(row))
@@ -472,14 +471,8 @@ def _sqlite_by_key(
         missing = int(conn.execute(f"SELECT count(*) {absent_sql}").fetchone()[0])
         rows = conn.execute(f"SELECT * {absent_sql} LIMIT ?", (check.sample_keys,)).fetchall()
     except sqlite3.Error as exc:
-        return _key_result(
-            stream,
-            total,
-            None,
-            "not checked",
-            columns,
-            dataset=dataset,
-            reason=check.scrub(f"the probe by key failed: {exc}"),
+        return _key_unchecked(
+            stream, total, columns, check.scrub(f"the probe by key failed: {exc}"), dataset=dataset
         )
     finally:
         conn.close()
@@ -529,9 +522,7 @@ def _file_by_key(
         present = _csv_keys(files[-1:], columns)
         compare = _csv_key
     if isinstance(present, Uncomparable):
-        return _key_result(
-            stream, total, None, "not checked", columns, dataset=dataset, reason=str(present)
-        )
+        return _key_unchecked(stream, total, columns, str(present), dataset=dataset)
     if compare is bytes:  # canonical keys on both sides: one C-level pass
         absent = [key for key in keys.iter(stream) if key not in present]
         samples = [_sample(columns, decode(key)) for key in absent[: check.sample_keys]]
@@ -544,14 +535,8 @@ def _file_by_key(
     for key in keys.iter(stream):
         form = compare(key)
         if isinstance(form, Uncomparable):
-            return _key_result(
-                stream,
-                total,
-                None,
-                "not checked",
-                columns,
-                dataset=dataset,
-                reason=f"{form}, so keys are not compared",
+            return _key_unchecked(
+                stream, total, columns, f"{form}, so keys are not compared", dataset=dataset
             )
         if form not in present:
             missing += 1
